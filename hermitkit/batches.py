@@ -1,0 +1,287 @@
+"""Creating batches and reading their runs and transcripts from the store.
+
+These are the database steps of the runner, kept apart so the runner module holds only
+the scheduling logic. Every function takes a SQLAlchemy session and is run through
+``Store.write``/``Store.read``, which commits it as one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from hermitkit import __version__
+from hermitkit.client import ChatReply, ModelInfo
+from hermitkit.config import BatchConfig
+from hermitkit.protocol import Classification, Protocol
+from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, Run, Turn, run_counts_update, touch_batch, utcnow
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What a worker needs to carry on one run."""
+
+    run_id: int
+    model: str
+    repetition: int
+    status: str
+    turn_count: int
+    turns_target: int
+
+
+def upsert_models(session: Session, endpoint: str, infos: list[ModelInfo]) -> None:
+    now = utcnow()
+    for info in infos:
+        record = session.get(ModelRecord, (endpoint, info.id))
+        if record is None:
+            record = ModelRecord(endpoint=endpoint, model_id=info.id)
+            session.add(record)
+        record.name = info.name
+        record.context_length = info.context_length
+        record.prompt_price = info.prompt_price
+        record.completion_price = info.completion_price
+        record.is_demo = info.is_demo
+        record.supports_structured_output = info.supports_structured_output
+        record.raw = info.raw
+        record.updated_at = now
+
+
+def create_batch(session: Session, config: BatchConfig, protocol: Protocol, *, endpoint: str, is_demo: bool) -> int:
+    """Insert a batch and one pending run per (model, repetition); return the batch id."""
+    batch = Batch(
+        name=config.name,
+        status="pending",
+        config=config.model_dump(mode="json"),
+        protocol_id=protocol.id,
+        protocol_hash=protocol.hash,
+        protocol=protocol.to_dict(),
+        endpoint=endpoint,
+        is_demo=is_demo,
+        budget_usd=config.budget_usd,
+        hermitkit_version=__version__,
+    )
+    session.add(batch)
+    session.flush()
+
+    rows = [
+        {
+            "batch_id": batch.id,
+            "model": model,
+            "repetition": repetition,
+            "status": "pending",
+            "params": config.sampling(),
+            "protocol_id": protocol.id,
+            "protocol_hash": protocol.hash,
+            "turns_target": config.turns,
+            "created_at": utcnow(),
+        }
+        for model in config.models
+        for repetition in range(1, config.runs + 1)
+    ]
+    session.execute(insert(Run), rows)
+    return batch.id
+
+
+_TASK_COLUMNS = (Run.id, Run.model, Run.repetition, Run.status, Run.turn_count, Run.turns_target)
+
+
+def pending_work(session: Session, batch_id: int, judges: list[str]) -> list[RunTask]:
+    """Runs that still need turns, or a batch verdict from one of ``judges``.
+
+    Ordered by repetition so that an interrupted batch has spread its finished runs
+    over all models rather than finishing one model first.
+    """
+    judged_by_all = (
+        select(Judgement.run_id)
+        .where(Judgement.judge_model.in_(judges), Judgement.round == 0)
+        .group_by(Judgement.run_id)
+        .having(func.count(func.distinct(Judgement.judge_model)) == len(judges))
+    )
+    rows = session.execute(
+        select(*_TASK_COLUMNS)
+        .where(Run.batch_id == batch_id)
+        .where(Run.status.not_in(FINAL_RUN_STATUSES) | ((Run.turn_count > 0) & Run.id.not_in(judged_by_all)))
+        .order_by(Run.repetition, Run.id)
+    )
+    return [RunTask(*row) for row in rows]
+
+
+def judged_by(session: Session, run_id: int) -> set[str]:
+    rows = session.scalars(select(Judgement.judge_model).where(Judgement.run_id == run_id, Judgement.round == 0))
+    return set(rows)
+
+
+def run_task(session: Session, run_id: int) -> RunTask:
+    row = session.execute(select(*_TASK_COLUMNS).where(Run.id == run_id)).one()
+    return RunTask(*row)
+
+
+def missing_judgements(session: Session, batch_id: int, judges: list[str]) -> int:
+    """Number of (finished run, judge) pairs that have no batch verdict yet."""
+    finished = session.scalar(
+        select(func.count()).select_from(Run).where(Run.batch_id == batch_id, Run.status.in_(FINAL_RUN_STATUSES), Run.turn_count > 0)
+    ) or 0
+    stored = session.scalar(
+        select(func.count())
+        .select_from(Judgement)
+        .join(Run, Run.id == Judgement.run_id)
+        .where(Run.batch_id == batch_id, Run.status.in_(FINAL_RUN_STATUSES), Judgement.judge_model.in_(judges), Judgement.round == 0)
+    ) or 0
+    return finished * len(judges) - stored
+
+
+def load_history(session: Session, run_id: int) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(Turn.idx, Turn.role, Turn.content, Turn.turn_number, Turn.verdict).where(Turn.run_id == run_id).order_by(Turn.idx)
+    )
+    return [{"idx": idx, "role": role, "content": content or "", "turn": number, "verdict": verdict} for idx, role, content, number, verdict in rows]
+
+
+def start_run(session: Session, run_id: int, initial_prompt: str) -> None:
+    """Mark a run as running and store its initial prompt if it has none yet."""
+    has_prompt = session.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id, Turn.idx == 0))
+    if not has_prompt:
+        session.execute(insert(Turn).values(run_id=run_id, idx=0, role="user", content=initial_prompt, created_at=utcnow()))
+    session.execute(
+        update(Run).where(Run.id == run_id).values(status="running", error=None, started_at=func.coalesce(Run.started_at, utcnow()))
+    )
+
+
+def add_exchange(
+    session: Session,
+    *,
+    run_id: int,
+    idx: int,
+    turn_number: int,
+    reply: ChatReply,
+    cost_usd: float | None,
+    classification: Classification,
+    echo: str | None,
+) -> None:
+    """Store one assistant reply, the echo sent after it and the run's new counts.
+
+    All of it is one transaction, and (run_id, idx) is unique, so a retried or
+    concurrent write can never store a turn twice or count it twice. ``echo`` is
+    ``None`` after the last turn, which is never sent.
+    """
+    now = utcnow()
+    session.execute(
+        insert(Turn).values(
+            run_id=run_id,
+            idx=idx,
+            role="assistant",
+            content=reply.content,
+            reasoning=reply.reasoning,
+            turn_number=turn_number,
+            verdict=classification.verdict,
+            extracted=classification.extracted,
+            finish_reason=reply.finish_reason,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            reasoning_tokens=reply.reasoning_tokens,
+            cost_usd=cost_usd,
+            latency_s=reply.latency_s,
+            generation_id=reply.generation_id,
+            provider=reply.provider,
+            served_model=reply.served_model,
+            created_at=now,
+        )
+    )
+    if echo is not None:
+        session.execute(insert(Turn).values(run_id=run_id, idx=idx + 1, role="user", content=echo, created_at=now))
+
+    values = run_counts_update(classification.verdict)
+    values[Run.prompt_tokens] = Run.prompt_tokens + (reply.prompt_tokens or 0)
+    values[Run.completion_tokens] = Run.completion_tokens + (reply.completion_tokens or 0)
+    values[Run.reasoning_tokens] = Run.reasoning_tokens + (reply.reasoning_tokens or 0)
+    values[Run.cost_usd] = Run.cost_usd + (cost_usd or 0.0)
+    session.execute(update(Run).where(Run.id == run_id).values(values))
+
+
+def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
+    values: dict[str, Any] = {"status": status, "error": error}
+    if status in FINAL_RUN_STATUSES:
+        values["finished_at"] = utcnow()
+    session.execute(update(Run).where(Run.id == run_id).values(**values))
+
+
+def set_batch_status(session: Session, batch_id: int, status: str, error: str | None = None) -> None:
+    values: dict[str, Any] = {"status": status, "error": error}
+    if status in {"completed", "failed", "budget_exhausted", "cancelled"}:
+        values["finished_at"] = utcnow()
+    touch_batch(session, batch_id, **values)
+
+
+def batch_run_statuses(session: Session, batch_id: int) -> dict[str, int]:
+    rows = session.execute(select(Run.status, func.count()).where(Run.batch_id == batch_id).group_by(Run.status))
+    return {status: count for status, count in rows}
+
+
+def judge_transcript_rows(session: Session, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The transcript and exact protocol counts of a run, as the judge receives them."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise KeyError(run_id)
+    history = load_history(session, run_id)
+    transcript = [{"role": m["role"], "content": m["content"], "turn": m["turn"], "verdict": m["verdict"]} for m in history]
+    failures = run.missing_count + run.empty_count
+    counts = {
+        "turns": run.turn_count,
+        "ok": run.ok_count,
+        "failures": failures,
+        "malformed": run.multiple_count + run.unbalanced_count,
+        "empty": run.empty_count,
+        "missing": run.missing_count,
+        "compliance_rate": (run.ok_count / run.turn_count) if run.turn_count else None,
+    }
+    return transcript, counts
+
+
+def next_judge_round(session: Session, run_id: int, judge_model: str) -> int:
+    current = session.scalar(select(func.max(Judgement.round)).where(Judgement.run_id == run_id, Judgement.judge_model == judge_model))
+    return 0 if current is None else current + 1
+
+
+def add_judgement(session: Session, *, run_id: int, judge_model: str, round_: int, outcome: Any) -> None:
+    """Store one judge outcome (a ``hermitkit.judge.JudgeOutcome``), parsed or not.
+
+    A parse failure is stored with the raw reply and no scores, so it is counted but
+    never averaged as a zero.
+    """
+    verdict = outcome.verdict.to_dict() if outcome.verdict is not None else {}
+    failure = outcome.failure
+    session.execute(
+        insert(Judgement).values(
+            run_id=run_id,
+            judge_model=judge_model,
+            round=round_,
+            status=outcome.status,
+            mirror_test=verdict.get("mirror_test"),
+            self_awareness=verdict.get("self_awareness"),
+            refusal=verdict.get("refusal"),
+            topics=list(verdict["topics"]) if "topics" in verdict else None,
+            topic_summary=verdict.get("topic_summary"),
+            exploration_style=verdict.get("exploration_style"),
+            sophistication=verdict.get("sophistication"),
+            autonomy=verdict.get("autonomy"),
+            emergent_behaviour=verdict.get("emergent_behaviour"),
+            context_loss=verdict.get("context_loss"),
+            analysis=verdict.get("analysis"),
+            raw_reply=outcome.raw_reply,
+            retry_reply=outcome.retry_reply,
+            repair_reply=outcome.repair_reply,
+            failure_reason=failure.reason if failure is not None else None,
+            failure_detail=failure.detail if failure is not None else None,
+            attempts=outcome.attempts,
+            truncated=outcome.truncated,
+            sampling=outcome.sampling,
+            prompt_version=outcome.prompt_version,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            cost_usd=outcome.cost_usd,
+            created_at=utcnow(),
+        )
+    )

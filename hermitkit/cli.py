@@ -1,0 +1,293 @@
+"""The ``hermitkit`` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hermitkit.errors import AuthenticationError, ConfigError, HermitkitError, InsufficientCreditsError
+
+# Terminal control sequences in model output could rewrite the screen; show them as text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+
+
+def printable(text: str | None) -> str:
+    """Model text made safe for a terminal: control characters shown as escapes."""
+    if text is None:
+        return ""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def _load_dotenv() -> None:
+    from dotenv import find_dotenv, load_dotenv
+
+    # Values already in the environment win over the file.
+    load_dotenv(find_dotenv(usecwd=True), override=False)
+
+
+def _store(database_url: str | None) -> Any:
+    from hermitkit.store import Store
+
+    return Store(database_url)
+
+
+class _Group(click.Group):
+    """Turns hermitkit's own errors into one readable line and a non-zero exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except (AuthenticationError, InsufficientCreditsError, HermitkitError, LookupError) as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(1)
+
+
+database_option = click.option(
+    "--database-url",
+    envvar="HERMITKIT_DATABASE_URL",
+    default=None,
+    help="SQLAlchemy URL of the store (default: DATABASE_URL, then a SQLite file in the user data folder).",
+)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="Show INFO (-v) or DEBUG (-vv) log lines on stderr.")
+def cli(verbose: int) -> None:
+    """Run and judge the HermitBench autonomy experiment."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _load_dotenv()
+
+
+@cli.command()
+@click.option("--search", default=None, help="Only models whose id or name contains TEXT (case-insensitive).")
+@click.option("--endpoint", "base_url", default=None, help="Base URL of an OpenAI-compatible endpoint, or 'demo' (default: OpenRouter).")
+@click.option("--api-key-env", default=None, help="Environment variable holding the key for a non-OpenRouter endpoint.")
+def models(search: str | None, base_url: str | None, api_key_env: str | None) -> None:
+    """List the endpoint's models with prices (USD per million tokens) and context length."""
+    from hermitkit.catalogue import list_all_models
+
+    infos = asyncio.run(list_all_models(base_url, api_key_env=api_key_env))
+    if search:
+        needle = search.lower()
+        infos = [info for info in infos if needle in info.id.lower() or needle in info.name.lower()]
+    if not infos:
+        click.echo("No model matches." if search else "The endpoint listed no models.")
+        return
+
+    click.echo(f"{'model':<50} {'prompt $/M':>11} {'completion $/M':>15} {'context':>9}")
+    for info in sorted(infos, key=lambda item: item.id):
+        click.echo(f"{printable(info.id):<50} {_per_million(info.prompt_price):>11} {_per_million(info.completion_price):>15} {info.context_length or '-':>9}")
+
+
+def _per_million(price: float | None) -> str:
+    return "-" if price is None else f"{price * 1_000_000:.3f}"
+
+
+@cli.command()
+@click.argument("params", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a params key; the value is read as YAML (e.g. --set runs=3 --set endpoint.timeout_s=30).")
+@click.option("--dry-run", is_flag=True, help="Check the config and models, print the plan and the maximum cost, and send no chat request.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--notebook", is_flag=True, help="Run through notebooks/run_batch.ipynb with papermill and write the executed notebook and HTML to reports/<batch_id>/.")
+@database_option
+def run(params: Path, overrides: tuple[str, ...], dry_run: bool, no_progress: bool, notebook: bool, database_url: str | None) -> None:
+    """Run a batch described by a params YAML file, judge it and print a per-model summary."""
+    from hermitkit.config import load_params
+
+    config = load_params(params, list(overrides))
+    if dry_run:
+        _dry_run(config)
+        return
+    if notebook:
+        from hermitkit.notebooks import run_batch_notebook
+
+        paths = run_batch_notebook(params, list(overrides), database_url=database_url)
+        for path in paths:
+            click.echo(f"wrote {path}")
+        return
+
+    from hermitkit.runner import run_batch
+
+    store = _store(database_url)
+    outcome = run_batch(config, store=store, progress=not no_progress, on_created=lambda batch_id: click.echo(f"Batch {batch_id} created in {store}."))
+    _print_outcome(store, outcome)
+
+
+def _dry_run(config: Any) -> None:
+    from hermitkit.estimate import estimate_batch
+    from hermitkit.runner import _prepare
+
+    async def plan() -> Any:
+        providers, catalogue = await _prepare(config)
+        await providers.close()
+        return providers, catalogue
+
+    providers, catalogue = asyncio.run(plan())
+    protocol = config.load_protocol()
+    lines = estimate_batch(config, protocol, catalogue)
+
+    click.echo(f"Plan: {len(config.models)} model(s) x {config.runs} run(s) x {config.turns} turn(s) = {config.total_runs * config.turns} model requests")
+    click.echo(f"Endpoint: {config.endpoint.base_url}   protocol: {protocol.id} ({protocol.hash[:12]})   judges: {', '.join(config.judges)}")
+    click.echo(f"{'model':<40} {'role':<6} {'requests':>8} {'max prompt tok':>15} {'max compl tok':>14} {'max cost $':>11}")
+    total = 0.0
+    unknown = False
+    for line in lines:
+        cost = "unknown" if line.max_cost_usd is None else f"{line.max_cost_usd:.4f}"
+        total += line.max_cost_usd or 0.0
+        unknown = unknown or line.max_cost_usd is None
+        click.echo(f"{line.model:<40} {line.role:<6} {line.requests:>8} {line.max_prompt_tokens:>15} {line.max_completion_tokens:>14} {cost:>11}")
+    suffix = " (some prices unknown)" if unknown else ""
+    click.echo(f"Maximum cost (estimate, every reply at max_tokens): ${total:.4f}{suffix}")
+    if config.budget_usd is not None:
+        click.echo(f"Budget: ${config.budget_usd:.4f}; no new request is sent once it is spent.")
+    if providers.is_demo:
+        click.echo("Demo endpoint: no real model is called and nothing is paid.")
+
+
+def _print_outcome(store: Any, outcome: Any) -> None:
+    from hermitkit.analysis import summary
+    from hermitkit.export import DEMO_NOTICE
+
+    click.echo(f"\nBatch {outcome.batch_id}: {outcome.status}   spent ${outcome.spent_usd:.4f}")
+    if outcome.message:
+        click.echo(outcome.message)
+    _print_summary(store, outcome.batch_id)
+    if outcome.is_demo:
+        click.secho(DEMO_NOTICE, fg="yellow")
+    if outcome.status != "completed":
+        sys.exit(1)
+
+
+def _print_summary(store: Any, batch_id: int) -> None:
+    from hermitkit.analysis import summary
+
+    frame = summary(store, batch_id)
+    if frame.empty:
+        click.echo("No runs stored.")
+        return
+    shown = frame[["runs", "compliance_pct", "failures_per_run", "malformed_per_run", "mirror_pass_rate", "autonomy_mean", "sophistication_mean", "verdicts", "judge_parse_failures", "tokens", "cost_usd"]].copy()
+    shown.columns = ["runs", "compliance %", "failures/run", "malformed/run", "mirror pass", "autonomy", "sophistication", "verdicts", "parse fails", "tokens", "cost $"]
+    click.echo("\nPer-model summary (judge means exclude verdicts that failed to parse):")
+    with _pandas_display():
+        click.echo(shown.to_string(float_format=lambda value: f"{value:.2f}"))
+
+
+def _pandas_display() -> Any:
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 20)
+
+
+@cli.command()
+@click.argument("batch_id", type=int)
+@click.option("--budget-usd", type=float, default=None, help="New cost budget for the batch in US dollars (e.g. to finish a batch that spent its budget).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@database_option
+def resume(batch_id: int, budget_usd: float | None, no_progress: bool, database_url: str | None) -> None:
+    """Continue an interrupted batch: only missing turns and verdicts are sent."""
+    from hermitkit.runner import resume_batch
+
+    if budget_usd is not None and budget_usd <= 0:
+        raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
+    store = _store(database_url)
+    outcome = resume_batch(batch_id, store=store, budget_usd=budget_usd, progress=not no_progress)
+    _print_outcome(store, outcome)
+
+
+@cli.command()
+@click.argument("batch_id", type=int, required=False)
+@database_option
+def status(batch_id: int | None, database_url: str | None) -> None:
+    """List stored batches, or show one batch's runs by status."""
+    from hermitkit.status import batch_status, list_batches
+
+    store = _store(database_url)
+    if batch_id is None:
+        rows = list_batches(store)
+        if not rows:
+            click.echo(f"No batches in {store}.")
+            return
+        click.echo(f"{'id':>5}  {'status':<17} {'created (UTC)':<20} {'runs':>5}  name / models")
+        for row in rows:
+            demo = " [demo]" if row["is_demo"] else ""
+            click.echo(f"{row['id']:>5}  {row['status']:<17} {row['created_at']:%Y-%m-%d %H:%M:%S}  {row['runs']:>5}  {printable(row['name'])}{demo} {', '.join(row['models'])}")
+        return
+
+    info = batch_status(store, batch_id)
+    click.echo(f"Batch {batch_id}: {info['status']}{' [demo]' if info['is_demo'] else ''}")
+    click.echo(f"  name: {printable(info['name'])}   protocol: {info['protocol_id']} ({info['protocol_hash'][:12]})   endpoint: {info['endpoint']}")
+    click.echo(f"  created {info['created_at']:%Y-%m-%d %H:%M:%S} UTC, updated {info['updated_at']:%Y-%m-%d %H:%M:%S} UTC")
+    click.echo(f"  runs: {', '.join(f'{count} {name}' for name, count in sorted(info['run_statuses'].items()))}")
+    click.echo(f"  assistant turns stored: {info['turns']} of {info['turns_target']}   verdicts: {info['verdicts']} ({info['parse_failures']} failed to parse)")
+    click.echo(f"  spent: ${info['spent_usd']:.4f}" + (f" of a ${info['budget_usd']:.4f} budget" if info["budget_usd"] else ""))
+    if info["error"]:
+        click.echo(f"  note: {info['error']}")
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--reasoning/--no-reasoning", default=False, help="Also print the reasoning text of each reply.")
+@database_option
+def show(run_id: int, reasoning: bool, database_url: str | None) -> None:
+    """Print one run's transcript with the verdict of every reply."""
+    from hermitkit.status import run_transcript
+
+    store = _store(database_url)
+    run, turns = run_transcript(store, run_id)
+    click.echo(f"Run {run_id}: {run['model']} repetition {run['repetition']} of batch {run['batch_id']}, {run['status']}")
+    click.echo(f"  turns {run['turn_count']}/{run['turns_target']}, ok {run['ok_count']}, failures {run['failures']}, malformed {run['malformed']}")
+    for turn in turns:
+        if turn["role"] == "assistant":
+            header = f"--- turn {turn['turn_number']} assistant [{turn['verdict']}]"
+        else:
+            header = "--- initial prompt" if turn["idx"] == 0 else "--- echo (user)"
+        click.echo(header)
+        if reasoning and turn.get("reasoning"):
+            click.echo(f"(reasoning) {printable(turn['reasoning'])}")
+        click.echo(printable(turn["content"]) if turn["content"] is not None else "(no content)")
+
+
+@cli.command()
+@click.argument("batch_id", type=int)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True, help="File format of the exported tables.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("exports"), show_default=True, help="Folder to write into.")
+@database_option
+def export(batch_id: int, fmt: str, out_dir: Path, database_url: str | None) -> None:
+    """Write a batch's runs, turns and judgements as CSV or JSON files."""
+    from hermitkit.export import export_batch
+
+    store = _store(database_url)
+    from hermitkit.status import batch_status
+
+    batch_status(store, batch_id)
+    for path in export_batch(store, batch_id, out_dir, fmt):
+        click.echo(f"wrote {path}")
+
+
+@cli.command("demo-server")
+@click.option("--port", type=int, default=8765, show_default=True, help="TCP port on 127.0.0.1.")
+@click.option("--latency", "latency_s", type=float, default=0.0, show_default=True, help="Delay added to every reply, in seconds.")
+@click.option("--fault", "faults", multiple=True, metavar="RULE", help="Fault rule such as 429:rate=0.1, 500:every=7 or null_content:model=demo/forgetful:first=2.")
+def demo_server(port: int, latency_s: float, faults: tuple[str, ...]) -> None:
+    """Serve the offline demo models on http://127.0.0.1:PORT/v1 until interrupted."""
+    from hermitkit.demo import serve_forever
+
+    serve_forever("127.0.0.1", port, latency_s=latency_s, faults=list(faults))
+
+
+def main() -> None:
+    cli(prog_name="hermitkit")
+
+
+if __name__ == "__main__":
+    main()
