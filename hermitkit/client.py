@@ -519,8 +519,12 @@ class OpenAICompatibleClient:
 
     async def aclose(self) -> None:
         """Close pooled connections. The client opens a new pool if used again."""
-        http, self._http, self._http_loop = self._http, None, None
-        if http is not None:
+        http, loop = self._http, self._http_loop
+        self._http, self._http_loop = None, None
+
+        # A pool opened by an event loop that has since closed cannot be closed from
+        # another loop; its sockets are released when it is garbage-collected.
+        if http is not None and loop is asyncio.get_running_loop():
             await http.aclose()
 
     async def __aenter__(self) -> OpenAICompatibleClient:

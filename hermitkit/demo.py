@@ -959,7 +959,7 @@ class DemoServer:
 
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="hermitkit-demo", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="hermitkit-demo", daemon=True
         )
         self._thread.start()
         logger.info("Demo server listening on %s", self.base_url)

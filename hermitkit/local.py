@@ -51,6 +51,11 @@ PROVIDER_NAME = "llama.cpp"
 # llama-cpp-python 0.3.x raises ValueError with this text when the prompt fills n_ctx.
 _CONTEXT_OVERFLOW_TEXT = "exceed context window"
 
+# llama.cpp (as built by llama-cpp-python 0.3.36) pads a context to a multiple of 256
+# tokens, but llama-cpp-python sizes its token buffer by the requested n_ctx, so any other
+# size breaks generation once the prompt passes the requested size.
+_CONTEXT_PADDING = 256
+
 # GGUF architectures whose files may lack a chat template but use Gemma's turn markers.
 _GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 
@@ -58,6 +63,11 @@ _GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 def is_local_model(model_id: str) -> bool:
     """Return whether a model id names an in-process GGUF model (``local/...``)."""
     return model_id.startswith(LOCAL_PREFIX)
+
+
+def padded_context_size(n_ctx: int) -> int:
+    """Round a context size up to the multiple of 256 tokens that llama.cpp allocates."""
+    return -(-n_ctx // _CONTEXT_PADDING) * _CONTEXT_PADDING
 
 
 def missing_local_packages() -> list[str]:
@@ -127,8 +137,8 @@ class LocalProvider:
         chat_format: str | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
-        if n_ctx < 16:
-            raise ConfigError(f"n_ctx={n_ctx} is too small: use at least 16 tokens (default {DEFAULT_N_CTX}).")
+        if n_ctx < 1:
+            raise ConfigError(f"n_ctx={n_ctx} is invalid: use a positive number of tokens (default {DEFAULT_N_CTX}).")
         if default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens={default_max_tokens} is invalid: use a positive number of tokens.")
 
@@ -139,7 +149,7 @@ class LocalProvider:
                 _gguf_path(model_id)
         _require_llama_cpp_spec()
 
-        self._n_ctx = n_ctx
+        self._n_ctx = padded_context_size(n_ctx)
         self._n_threads = n_threads
         self._chat_format = chat_format
         self._default_max_tokens = default_max_tokens
@@ -279,6 +289,12 @@ def _get_loaded_model(
     return loaded
 
 
+def _loaded_models_for(path: Path) -> list[_LoadedModel]:
+    """Return the cache entries of one GGUF file, for tests that wrap the llama object."""
+    with _cache_lock:
+        return [loaded for key, loaded in _loaded_models.items() if key[0] == path]
+
+
 def _load_llama(path: Path, n_ctx: int, n_threads: int | None, chat_format: str | None) -> Any:
     llama_cpp = _import_llama_cpp()
 
@@ -293,6 +309,14 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int | None, chat_format: str 
         )
     except ValueError as exc:
         raise ConfigError(f"llama.cpp could not load {path}: {exc}. Check that it is a valid GGUF file.") from exc
+
+    if llama.n_ctx() != n_ctx:
+        allocated = llama.n_ctx()
+        llama.close()
+        raise ConfigError(
+            f"llama.cpp allocated a context of {allocated} tokens for {path} instead of the {n_ctx} requested; "
+            f"set n_ctx={allocated}."
+        )
 
     # Without a chat template in the GGUF, llama-cpp-python falls back to Llama 2's
     # [INST] format. The bundled Gemma file has no template, so use Gemma's turn markers.

@@ -30,7 +30,7 @@ from hermitkit.errors import (
     InsufficientCreditsError,
     ProviderError,
 )
-from hermitkit.judge import judge_transcript
+from hermitkit.judge import JudgeOutcome, ParseFailure, judge_transcript
 from hermitkit.protocol import Protocol, build_messages, classify, next_user_message
 from hermitkit.providers import ProviderSet
 from hermitkit.store import Batch, Store, batch_spent_usd
@@ -303,6 +303,21 @@ class BatchExecution:
             except (AuthenticationError, InsufficientCreditsError) as exc:
                 self.fatal = exc
                 raise _StopBatch() from exc
+            except ContextLengthError as exc:
+                # Asking again cannot help: store the failure so it is counted, not retried.
+                outcome = JudgeOutcome(
+                    status="context_exhausted",
+                    verdict=None,
+                    raw_reply=None,
+                    repair_reply=None,
+                    failure=ParseFailure("context_length", str(exc)),
+                    attempts=1,
+                    truncated=False,
+                    prompt_tokens=None,
+                    completion_tokens=None,
+                    cost_usd=None,
+                    sampling=self.config.judge_sampling(),
+                )
             except ProviderError as exc:
                 # The run stays unjudged by this judge, so a resume asks again.
                 log.error("Judge %s failed on run %d: %s", judge_model, task.run_id, exc)
