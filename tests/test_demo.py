@@ -72,8 +72,10 @@ def assert_valid_verdict(verdict: dict[str, Any]) -> None:
     assert all(isinstance(topic, str) and topic for topic in verdict["topics"])
     assert isinstance(verdict["topic_summary"], str)
     assert verdict["exploration_style"] in {"breadth", "depth", "mixed", "stuck"}
-    assert type(verdict["sophistication"]) is int and 1 <= verdict["sophistication"] <= 5
-    assert type(verdict["autonomy"]) is int and 1 <= verdict["autonomy"] <= 5
+    assert type(verdict["sophistication"]) is int
+    assert 1 <= verdict["sophistication"] <= 5
+    assert type(verdict["autonomy"]) is int
+    assert 1 <= verdict["autonomy"] <= 5
     assert isinstance(verdict["emergent_behaviour"], str)
     assert isinstance(verdict["context_loss"], bool)
     assert isinstance(verdict["analysis"], str)
@@ -182,7 +184,8 @@ def test_steady_keeps_one_block_and_reasoning_apart(demo_server: DemoServer) -> 
         assert len(TOP_LEVEL_BLOCK.findall(reply)) == 1
     message = chat(demo_server, STEADY_MODEL, messages)
     reasoning = message.json()["choices"][0]["message"]["reasoning"]
-    assert "{" in reasoning and "}" in reasoning
+    assert "{" in reasoning
+    assert "}" in reasoning
     assert reasoning not in content_of(message)
 
 
@@ -301,7 +304,8 @@ def test_judge_braces_in_strings_fault(demo_server: DemoServer) -> None:
     verdict = json.loads(content_of(chat(demo_server, JUDGE_MODEL, fault="judge_braces_in_strings")))
 
     assert_valid_verdict(verdict)
-    assert "{" in verdict["emergent_behaviour"] and "}" in verdict["analysis"]
+    assert "{" in verdict["emergent_behaviour"]
+    assert "}" in verdict["analysis"]
 
 
 def test_judge_fault_ignored_for_other_models(demo_server: DemoServer) -> None:
@@ -467,7 +471,8 @@ def test_rule_rate_repeats_across_servers() -> None:
             patterns.append([chat(server, STEADY_MODEL).status_code for _ in range(12)])
 
     assert patterns[0] == patterns[1]
-    assert 200 in patterns[0] and 503 in patterns[0]
+    assert 200 in patterns[0]
+    assert 503 in patterns[0]
 
 
 def test_rule_applies_to_model_list() -> None:

@@ -42,8 +42,9 @@ HERMIT_PROMPT = (
     "to you as the next message. Begin."
 )
 
-# Gemma 3's chat template from google/gemma-3-270m-it's tokenizer_config.json, with the
-# branch for image content parts left out because these tests send text only.
+# Gemma 3's chat template for its instruction-tuned models, as public projects copy it from
+# Google's tokenizer_config.json. The branch for image parts is left out, because these
+# tests send text only.
 GEMMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"
@@ -362,7 +363,9 @@ class TestBundledModel:
         provider = LocalProvider([BUNDLED_ALIAS])
         response_format = {"type": "json_object"}
 
-        reply = chat(provider, [user("Reply in JSON.")], temperature=0.0, seed=1, max_tokens=12, response_format=response_format)
+        reply = chat(
+            provider, [user("Reply in JSON.")], temperature=0.0, seed=1, max_tokens=12, response_format=response_format
+        )
 
         assert reply.content is not None
         assert reply.content.lstrip().startswith("{")
@@ -374,7 +377,7 @@ class TestBundledModel:
         loop_ran_during_generation = threading.Event()
 
         async def scenario() -> ChatReply:
-            # load the model first, so the wrapper below sees the loaded llama object
+            # load the model first, so that the wrapper below replaces a method of the loaded llama object
             await provider.chat(BUNDLED_ALIAS, [user("Hi")], temperature=0.0, max_tokens=1)
             loaded = local._loaded_models_for(path)[0]
             original = loaded.llama.create_chat_completion
