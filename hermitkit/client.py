@@ -40,9 +40,8 @@ OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
 DEFAULT_KEY_ENV = "HERMITKIT_API_KEY"
 
-# OpenRouter uses these two headers to attribute traffic to an app.
-# NOTE: the referer is a placeholder until the project has a public home page.
-APP_REFERER = "https://github.com/hermitkit/hermitkit"
+# OpenRouter attributes traffic to an app by this header; HTTP-Referer is left out
+# because hermitkit has no public home page to name.
 APP_TITLE = "hermitkit"
 
 # Provider error text quoted in exception messages is cut to this many characters.
@@ -550,7 +549,6 @@ class OpenAICompatibleClient:
         if self.__api_key:
             headers["Authorization"] = f"Bearer {self.__api_key}"
         if self._is_openrouter:
-            headers["HTTP-Referer"] = APP_REFERER
             headers["X-Title"] = APP_TITLE
 
         self._http = httpx.AsyncClient(
