@@ -72,7 +72,7 @@ def create_batch(session: Session, config: BatchConfig, protocol: Protocol, *, e
             "model": model,
             "repetition": repetition,
             "status": "pending",
-            "params": config.sampling(),
+            "params": config.run_sampling(repetition),
             "protocol_id": protocol.id,
             "protocol_hash": protocol.hash,
             "turns_target": config.turns,

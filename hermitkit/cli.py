@@ -176,10 +176,14 @@ def _print_summary(store: Any, batch_id: int) -> None:
         click.echo("No runs stored.")
         return
     shown = frame[["runs", "compliance_pct", "failures_per_run", "malformed_per_run", "mirror_pass_rate", "autonomy_mean", "sophistication_mean", "verdicts", "judge_parse_failures", "tokens", "cost_usd"]].copy()
+    # PostgreSQL returns averages as Decimal; the table is for reading, so floats suffice.
+    shown = shown.astype(float)
     shown.columns = ["runs", "compliance %", "failures/run", "malformed/run", "mirror pass", "autonomy", "sophistication", "verdicts", "parse fails", "tokens", "cost $"]
+    formats = {column: "{:.2f}".format for column in shown.columns}
+    formats.update({"runs": "{:.0f}".format, "verdicts": "{:.0f}".format, "parse fails": "{:.0f}".format, "tokens": "{:.0f}".format, "cost $": "{:.4f}".format})
     click.echo("\nPer-model summary (judge means exclude verdicts that failed to parse):")
     with _pandas_display():
-        click.echo(shown.to_string(float_format=lambda value: f"{value:.2f}"))
+        click.echo(shown.to_string(formatters=formats, na_rep="-"))
 
 
 def _pandas_display() -> Any:

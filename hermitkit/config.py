@@ -3,7 +3,7 @@
 A ``BatchConfig`` comes from a params YAML file, ``--set key=value`` overrides, the
 widgets or plain Python, and is checked in full before any request: every error names
 the key, the value and the fix. API keys are never part of a config; an endpoint names
-the environment variable that holds its key.
+the environment variable that contains its key.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ DEMO_ENDPOINT = "demo"
 
 
 class EndpointConfig(BaseModel):
-    """Where chat requests go. ``base_url: demo`` starts the offline demo server."""
+    """The endpoint that receives chat requests. ``base_url: demo`` starts the offline demo server."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     base_url: str = OPENROUTER_BASE_URL
-    api_key_env: str | None = Field(default=None, description="Environment variable that holds the key for a non-OpenRouter base URL (default HERMITKIT_API_KEY).")
+    api_key_env: str | None = Field(default=None, description="Environment variable that contains the key for a non-OpenRouter base URL (default HERMITKIT_API_KEY).")
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=6, ge=0)
     backoff_base_s: float = Field(default=1.0, ge=0)
@@ -47,7 +47,7 @@ class EndpointConfig(BaseModel):
     @classmethod
     def _check_key_env(cls, value: str | None) -> str | None:
         if value is not None and (not value or not value.replace("_", "").isalnum()):
-            raise ValueError(f"api_key_env must be the NAME of an environment variable, such as MY_ENDPOINT_KEY, not {value[:4]!r}...; never put a key itself in a params file")
+            raise ValueError(f"api_key_env must be the NAME of an environment variable, such as MY_ENDPOINT_KEY, not {value[:4]!r}... Put the key itself in the environment, never in a params file")
         return value
 
     @property
@@ -104,7 +104,7 @@ class BatchConfig(BaseModel):
                 raise ValueError(f"model id {model!r} has leading or trailing spaces")
         duplicates = sorted({m for m in value if value.count(m) > 1})
         if duplicates:
-            raise ValueError(f"model ids listed twice: {', '.join(duplicates)}; list each model once and raise runs instead")
+            raise ValueError(f"model ids listed twice: {', '.join(duplicates)}. List each model once and raise runs instead")
         return value
 
     @field_validator("protocol")
@@ -129,6 +129,17 @@ class BatchConfig(BaseModel):
             "seed": self.seed,
             "reasoning": self.reasoning,
         }
+
+    def run_sampling(self, repetition: int) -> dict[str, Any]:
+        """Sampling parameters of one run. Run k gets ``seed + k - 1``.
+
+        Repetitions with one shared seed would be copies of each other on endpoints that
+        honour seeds, so each run gets its own seed, derived so the batch stays reproducible.
+        """
+        sampling = self.sampling()
+        if self.seed is not None:
+            sampling["seed"] = self.seed + repetition - 1
+        return sampling
 
     def judge_sampling(self) -> dict[str, Any]:
         return {"temperature": self.judge_temperature, "seed": self.judge_seed, "max_tokens": self.judge_max_tokens}

@@ -395,6 +395,42 @@ def judge_verdict(text: str) -> dict[str, Any]:
     }
 
 
+# Markers that hermitkit.synthesis puts in its requests; they must match its constants.
+SYNTHESIS_MARKER = "HERMITKIT-SYNTHESIS-V1"
+PERSONA_MARKER = "HERMITKIT-PERSONA-V1"
+_RUN_TAG = re.compile(r'<run id="(\d+)"')
+_TURN_TAG = re.compile(r'<turn run="(\d+)" number="(\d+)">(.*?)</turn>', re.DOTALL)
+_TOPICS_LINE = re.compile(r"^judge topics: (.+)$", re.MULTILINE)
+
+
+def synthesis_reply(text: str) -> dict[str, Any]:
+    """A deterministic synthesis of the runs named in a synthesis request."""
+    run_ids = list(dict.fromkeys(int(value) for value in _RUN_TAG.findall(text)))
+    if not run_ids:
+        return {"themes": []}
+    themes = [
+        {"name": "Recurring script", "description": f"DEMO synthesis: the same scripted pattern appears in all {len(run_ids)} runs.", "run_ids": run_ids},
+        {"name": "Opening turns", "description": "DEMO synthesis: the first turns set the direction of each run.", "run_ids": run_ids[: max(1, len(run_ids) // 2)]},
+    ]
+    topics = _TOPICS_LINE.findall(text)
+    if topics:
+        first = topics[0].split(",")[0].strip()
+        themes.append({"name": f"Topic: {first}", "description": f"DEMO synthesis: the judge saw the topic {first}.", "run_ids": run_ids[:1]})
+    return {"themes": themes}
+
+
+def persona_reply(text: str) -> dict[str, Any]:
+    """A deterministic persona description citing the first turns named in a persona request."""
+    turns = _TURN_TAG.findall(text)
+    evidence = []
+    for run_id, turn, excerpt in turns[:2]:
+        quote = " ".join(excerpt.split()[:8])
+        evidence.append({"claim": f"Run {run_id} turn {turn} shows the scripted behaviour.", "run_id": int(run_id), "turn": int(turn), "quote": quote})
+    cited = ", ".join(f"run {item['run_id']} turn {item['turn']}" for item in evidence) or "no turn"
+    description = f"DEMO persona written by the scripted demo judge. It repeats its script in every run ({cited}). {DEMO_DISCLAIMER}"
+    return {"description": description, "evidence": evidence}
+
+
 def shape_judge_reply(verdict: dict[str, Any], kind: str | None) -> tuple[str, str]:
     """Format ``verdict`` as the judge fault ``kind`` specifies. Returns text and finish reason."""
     compact = json.dumps(verdict)
@@ -688,7 +724,12 @@ class _Handler(BaseHTTPRequestHandler):
         kind = fault.kind if fault is not None else None
         if model == JUDGE_MODEL:
             text = "\n".join(_message_text(message) for message in messages)
-            content, finish_reason = shape_judge_reply(judge_verdict(text), kind)
+            if SYNTHESIS_MARKER in text:
+                content, finish_reason = json.dumps(synthesis_reply(text)), "stop"
+            elif PERSONA_MARKER in text:
+                content, finish_reason = json.dumps(persona_reply(text)), "stop"
+            else:
+                content, finish_reason = shape_judge_reply(judge_verdict(text), kind)
             reasoning = None
         else:
             scripted = _SCRIPTED[model](turn, seed, last_user)

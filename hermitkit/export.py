@@ -28,17 +28,33 @@ def neutralize_formula(value: Any) -> Any:
     return value
 
 
+def _json_cell(value: Any) -> Any:
+    # Lists and dicts (judge topics, evidence) become JSON text, which reads back with json.loads.
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
 def safe_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``frame`` with formula-like text cells neutralised."""
+    """A copy of ``frame`` with list and dict cells as JSON and formula-like text neutralised.
+
+    Text columns of every dtype are checked: object, pandas' string dtype (the default
+    for text from pandas 3) and categories. The index and column names are checked too.
+    """
     safe = frame.copy()
     for column in safe.columns:
-        if safe[column].dtype == object:
-            safe[column] = safe[column].map(neutralize_formula)
+        series = safe[column]
+        if isinstance(series.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(series) or series.dtype == object:
+            safe[column] = series.astype(object).map(_json_cell).map(neutralize_formula)
+    safe.columns = [neutralize_formula(column) for column in safe.columns]
+    if safe.index.dtype == object or pd.api.types.is_string_dtype(safe.index):
+        safe.index = safe.index.map(neutralize_formula)
     return safe
 
 
 def write_csv(frame: pd.DataFrame, path: Path, *, index: bool = False) -> Path:
-    safe_csv_frame(frame).to_csv(path, index=index)
+    """Write ``frame`` as UTF-8 CSV after ``safe_csv_frame``; quoted cells keep newlines, commas and quotes."""
+    safe_csv_frame(frame).to_csv(path, index=index, encoding="utf-8")
     return path
 
 

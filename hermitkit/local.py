@@ -7,13 +7,14 @@ Both need the ``[local]`` extra. llama_cpp is imported only when a model is load
 ``import hermitkit`` stays fast without it.
 
 Each model file is loaded once per process and per context size. Generations run on a
-single worker thread per loaded model, so the event loop never blocks and one model
-produces one reply at a time.
+single worker thread per loaded model, so generation does not block the event loop and
+one model produces one reply at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib
 import importlib.util
 import logging
@@ -116,6 +117,11 @@ def unload_local_models() -> None:
 
     for model in models:
         model.close()
+
+
+# llama.cpp models freed by the garbage collector during interpreter shutdown raise
+# "'NoneType' object is not callable" from llama_cpp's finalizer, so free them first.
+atexit.register(unload_local_models)
 
 
 class LocalProvider:

@@ -14,12 +14,7 @@ from typing import Any
 from hermitkit.client import ChatProvider, ModelInfo, OpenAICompatibleClient
 from hermitkit.config import EndpointConfig
 from hermitkit.errors import ConfigError
-
-LOCAL_PREFIX = "local/"
-
-
-def is_local_model(model: str) -> bool:
-    return model.startswith(LOCAL_PREFIX)
+from hermitkit.local import is_local_model
 
 
 class ProviderSet:

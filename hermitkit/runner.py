@@ -212,7 +212,7 @@ class BatchExecution:
 
             messages = build_messages(self.protocol, history)
             try:
-                reply = await self._chat(provider, task.model, messages)
+                reply = await self._chat(provider, task.model, messages, repetition=task.repetition)
             except ContextLengthError as exc:
                 await self._db(batches.finish_run, run_id=task.run_id, status="context_exhausted", error=str(exc))
                 self._emit("run_finished", run_id=task.run_id, model=task.model, status="context_exhausted")
@@ -262,9 +262,8 @@ class BatchExecution:
         self._emit("run_finished", run_id=task.run_id, model=task.model, status="completed")
         return "completed"
 
-    async def _chat(self, provider: Any, model: str, messages: list[dict[str, str]], **overrides: Any) -> ChatReply:
-        sampling = self.config.sampling()
-        sampling.update(overrides)
+    async def _chat(self, provider: Any, model: str, messages: list[dict[str, str]], *, repetition: int) -> ChatReply:
+        sampling = self.config.run_sampling(repetition)
         slot = self._slot(model)
         if slot is None:
             return await provider.chat(model, messages, **sampling)

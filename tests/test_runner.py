@@ -288,3 +288,11 @@ def test_canary_key_leaks_nowhere(tmp_path, monkeypatch):
         assert canary not in shown.stdout + shown.stderr
         for path in [database, *database.parent.glob("canary.db*"), *(tmp_path / "out").iterdir()]:
             assert canary.encode() not in path.read_bytes(), path
+
+
+def test_each_repetition_gets_own_seed(sqlite_url):
+    store = Store(sqlite_url)
+    with DemoServer() as server:
+        outcome = run_batch(_config(server.base_url, models=["demo/steady"], runs=3, turns=1, seed=10), store=store, progress=False)
+    seeds = store.read(lambda s: s.scalars(select(Run.params).where(Run.batch_id == outcome.batch_id).order_by(Run.repetition)).all())
+    assert [params["seed"] for params in seeds] == [10, 11, 12]
