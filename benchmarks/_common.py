@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def _wait_until_listening(process: subprocess.Popen[bytes], base_url: str, timeo
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"The demo server at {base_url} did not answer within {timeout_s:g} s.")
+    raise RuntimeError(f"The demo server at {base_url} did not respond within {timeout_s:g} s.")
 
 
 def add_server_argument(parser: argparse.ArgumentParser) -> None:
@@ -86,12 +87,37 @@ def add_server_argument(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def demo_server(args: argparse.Namespace, latency_s: float) -> Iterator[str]:
-    """Yield the base URL of ``--server-url``, or of a demo server process started here."""
+    """Yield the base URL of ``--server-url``, or of a demo server process started here.
+
+    Prints the server's own time per request first (``server_overhead_ms``), so a slow
+    server is not mistaken for a slow client.
+    """
     if args.server_url:
-        yield args.server_url.rstrip("/")
+        base_url = args.server_url.rstrip("/")
+        args.server_overhead_ms = server_overhead_ms(base_url, latency_s)
+        yield base_url
         return
     with demo_server_process(latency_s) as base_url:
+        args.server_overhead_ms = server_overhead_ms(base_url, latency_s)
         yield base_url
+
+
+def server_overhead_ms(base_url: str, latency_s: float, requests: int = 20) -> float:
+    """Median milliseconds per sequential chat request beyond the injected latency."""
+    body = {"model": DEMO_MODELS[0], "messages": [{"role": "user", "content": "Hello."}], "seed": 1}
+    timings = []
+    with httpx.Client(timeout=30.0) as client:
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.post(f"{base_url}/chat/completions", json=body).raise_for_status()
+            timings.append(time.perf_counter() - started - latency_s)
+    overhead_ms = statistics.median(timings) * 1000
+    print(f"Demo server at {base_url}: {overhead_ms:.2f} ms per request beyond the {latency_s:g} s latency.", flush=True)
+    if overhead_ms > 20:
+        # 40 ms is the delayed-ACK stall of a server that writes headers and body in two
+        # small packets without TCP_NODELAY; every turn would then wait that long.
+        print("WARNING: the demo server adds more than 20 ms per request, so results measure the server, not hermitkit.", flush=True)
+    return overhead_ms
 
 
 def add_database_arguments(parser: argparse.ArgumentParser, *, default: str = "sqlite") -> None:
@@ -121,7 +147,9 @@ def database_kinds(value: str) -> list[str]:
 
 
 def kind_of_url(url: str) -> str:
-    return "postgresql" if url.startswith("postgres") else "sqlite" if url.startswith("sqlite") else url.split(":", 1)[0]
+    if url.startswith("postgres"):
+        return "postgresql"
+    return url.split(":", 1)[0].split("+", 1)[0]
 
 
 @contextlib.contextmanager

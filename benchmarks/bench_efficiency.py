@@ -6,7 +6,9 @@ judging and T + J with J judge models, because each verdict request follows the 
 last turn. Efficiency is that limit divided by the measured wall time.
 
 The demo server runs in its own process (``python -m hermitkit.cli demo-server``) with
-a fixed latency added to every chat reply.
+a fixed latency added to every chat reply. The last row times a bare httpx loop (see
+``bench_overhead.py``) on the same number of requests: the ceiling that any Python
+client built on httpx reaches on this machine.
 
     python benchmarks/bench_efficiency.py --latency 0.05 --runs 256 --turns 10 --concurrency 64 --database sqlite,postgresql
 """
@@ -36,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", type=int, default=4, choices=range(1, len(DEMO_MODELS) + 1), help="How many demo models share the runs (default: %(default)s).")
     parser.add_argument("--judge", choices=["on", "off", "both"], default="both", help="Measure with judging, without, or both (default: %(default)s).")
     parser.add_argument("--repeat", type=int, default=1, help="Batches per setting; the table shows each one (default: %(default)s).")
+    parser.add_argument("--bare", choices=["on", "off"], default="on", help="Also time a bare httpx loop sending the same requests, as the ceiling for this machine (default: %(default)s).")
     parser.add_argument("--json", type=Path, default=None, help="Append results as JSON lines to this file.")
     add_server_argument(parser)
     add_database_arguments(parser, default="sqlite,postgresql")
@@ -66,7 +69,7 @@ def batch_config(args: argparse.Namespace, base_url: str, judge: bool) -> BatchC
 
 
 def check_batch(store: Store, batch_id: int, runs: int, turns: int, judges: int) -> None:
-    """Fail loudly when the batch did not store exactly what was asked."""
+    """Raise RuntimeError unless the batch stored exactly the runs, turns and verdicts requested."""
 
     def read(session: Any) -> tuple[int, int, int]:
         completed = session.scalar(select(func.count()).select_from(Run).where(Run.batch_id == batch_id, Run.status == "completed"))
@@ -110,6 +113,35 @@ def measure(args: argparse.Namespace, base_url: str, url: str, judge: bool) -> d
     }
 
 
+def measure_bare(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
+    """Time bench_overhead's bare httpx loop on the requests of an unjudged one-model batch of the same size."""
+    from bench_overhead import bare_loop, hermitkit_loop, stored_requests
+
+    with fresh_database("sqlite", args) as url:
+        store = Store(url)
+        try:
+            _, batch_id = asyncio.run(hermitkit_loop(args, base_url, store, args.concurrency))
+            requests = stored_requests(store, batch_id)
+        finally:
+            store.dispose()
+    wall_s = asyncio.run(bare_loop(base_url, requests, args.concurrency))
+
+    limit_s = max(args.turns * args.latency, args.runs * args.turns * args.latency / args.concurrency)
+    return {
+        "benchmark": "efficiency",
+        "database": "none (bare httpx)",
+        "judging": False,
+        "latency_s": args.latency,
+        "runs": args.runs,
+        "turns": args.turns,
+        "concurrency": args.concurrency,
+        "requests": args.runs * args.turns,
+        "wall_s": wall_s,
+        "limit_s": limit_s,
+        "efficiency": limit_s / wall_s if wall_s > 0 else float("nan"),
+    }
+
+
 def main() -> None:
     args = parse_args()
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.judge]
@@ -122,11 +154,14 @@ def main() -> None:
                 for _ in range(args.repeat):
                     with fresh_database(kind, args) as url:
                         results.append(measure(args, base_url, url, judge))
+        if args.bare == "on":
+            results.append(measure_bare(args, base_url))
 
     postgres = args.postgres_url if "postgresql" in kinds else None
     machine = machine_info(postgres)
     for row in results:
         row["machine"] = machine
+        row["server_overhead_ms"] = args.server_overhead_ms
     print_table(results, ["database", "judging", "latency_s", "runs", "turns", "concurrency", "requests", "wall_s", "limit_s", "efficiency"])
     emit(results, args.json)
 

@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from hermitkit.analysis import judgements_frame, resolve_batch_id
-from hermitkit.judge import EXPLORATION_STYLE_VALUES, MIRROR_TEST_VALUES, SCORE_MAX, SCORE_MIN, SELF_AWARENESS_VALUES
+from hermitkit.judge import (
+    EXPLORATION_STYLE_VALUES,
+    MIRROR_TEST_VALUES,
+    SCORE_MAX,
+    SCORE_MIN,
+    SELF_AWARENESS_VALUES,
+)
 from hermitkit.store import Store
 
 ORDINAL_ITEMS = ("autonomy", "sophistication")
@@ -77,7 +83,7 @@ def alpha(matrix: np.ndarray | list[list[float]], level: str, domain: list[float
         return float("nan")
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        result = krippendorff.alpha(reliability_data=data, value_domain=domain, level_of_measurement=level)
+        result = krippendorff.alpha(reliability_data=data, value_domain=domain, level_of_measurement=level)  # type: ignore[arg-type]
     return float(result)
 
 
@@ -138,7 +144,7 @@ def _item_disagreement(verdicts: pd.DataFrame, item: str) -> pd.Series:
 
 
 def disagreements(store: Store, batch_id: int | str | None = None, top: int = 10) -> pd.DataFrame:
-    """The runs on which the judges disagree most, most disagreement first.
+    """List the runs on which the judges disagree most, most disagreement first.
 
     A run's ``score`` sums, over rubric items, (max - min) / 4 for the two scores and
     1 - (share of the most frequent value) for each category, so 0 means full
@@ -163,7 +169,7 @@ def disagreements(store: Store, batch_id: int | str | None = None, top: int = 10
         shown = verdicts.assign(shown=verdicts["coder"] + "=" + verdicts[item].astype(str))
         frame[item] = shown.groupby("run_id")["shown"].agg("; ".join).reindex(keys.index)
 
-    frame = frame[frame["score"] > 0].sort_values(["score", "model"], ascending=[False, True]).head(top)
-    frame = frame.reset_index()[columns]
+    frame = frame[frame["score"] > 0].reset_index()
+    frame = frame.sort_values(["score", "model", "run_id"], ascending=[False, True, True]).head(top)[columns].reset_index(drop=True)
     frame.attrs["batch_id"] = batch_id
     return frame

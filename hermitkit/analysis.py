@@ -5,7 +5,7 @@ database, and pandas only reshapes them. The exceptions are bootstrap intervals,
 resample per-run values with numpy, and the text metrics of ``hermitkit.metrics``,
 which read the transcripts.
 
-Every frame works for one batch; the ``*_frame`` functions also take several batch ids
+Every frame works for one batch. The ``*_frame`` functions also take several batch ids
 and add batch, protocol and sampling parameters as columns, so protocol variants and
 temperatures can be compared as factors.
 """
@@ -13,14 +13,18 @@ temperatures can be compared as factors.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Float, case, cast, func, select
 
-from hermitkit.judge import EXPLORATION_STYLE_VALUES, MIRROR_TEST_VALUES, SELF_AWARENESS_VALUES
+from hermitkit.judge import (
+    EXPLORATION_STYLE_VALUES,
+    MIRROR_TEST_VALUES,
+    SELF_AWARENESS_VALUES,
+)
 from hermitkit.metrics import END_STATES, AssistantTurn, run_metrics, turn_metrics
 from hermitkit.store import Batch, Judgement, Run, Store, Turn
 
@@ -38,6 +42,11 @@ PARAM_COLUMNS = ("temperature", "top_p", "max_tokens", "seed", "reasoning_settin
 MIRROR_CONSENSUS_LABELS = ("passed consistently", "mostly passed", "mixed", "mostly failed", "failed consistently")
 
 BatchIds = int | str | Sequence[int | str] | None
+
+T = TypeVar("T")
+
+# Rows fetched per round trip when transcripts are streamed.
+_STREAM_ROWS = 5000
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +179,7 @@ def _expand_params(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def runs_frame(store: Store, batch_ids: BatchIds = None) -> pd.DataFrame:
-    """One row per run, with batch, protocol, sampling parameters and exact counts.
+    """Return one row per run, with batch, protocol, sampling parameters and exact counts.
 
     Derived columns: ``compliance`` (ok turns / turns, NaN for a run without turns),
     ``failures`` (missing + empty turns), ``malformed`` (multiple + unbalanced turns),
@@ -234,7 +243,7 @@ def _run_context(store: Store, ids: list[int]) -> pd.DataFrame:
 
 
 def turns_frame(store: Store, batch_ids: BatchIds = None, *, role: str | None = None) -> pd.DataFrame:
-    """One row per stored message, with the run's batch, model, protocol and parameters.
+    """Return one row per stored message, with the run's batch, model, protocol and parameters.
 
     ``role="assistant"`` keeps only the model's replies.
     """
@@ -253,7 +262,7 @@ def turns_frame(store: Store, batch_ids: BatchIds = None, *, role: str | None = 
 
 
 def judgements_frame(store: Store, batch_ids: BatchIds = None) -> pd.DataFrame:
-    """One row per stored verdict, parsed or not, with the run's batch, model and parameters."""
+    """Return one row per stored verdict, parsed or not, with the run's batch, model and parameters."""
     ids = resolve_batch_ids(store, batch_ids)
     columns = [column for column in Judgement.__table__.columns if column.key not in ("id",)]
     query = (
@@ -363,7 +372,7 @@ def _category_shares(counts: pd.DataFrame, values: tuple[str, ...], prefix: str)
 
 
 def _dominant(counts: pd.DataFrame, values: tuple[str, ...]) -> pd.Series:
-    """The most frequent category per model; ties go to the earlier value in ``values``."""
+    """Return the most frequent category per model. Ties go to the earlier value in ``values``."""
     order = {value: position for position, value in enumerate(values)}
     ranked = counts.assign(order=counts["value"].map(order)).sort_values(["model", "count", "order"], ascending=[True, False, True])
     return ranked.drop_duplicates("model").set_index("model")["value"]
@@ -378,7 +387,7 @@ def summary(
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
 ) -> pd.DataFrame:
-    """One row per model: protocol compliance, judge ratings, cost and latency.
+    """Summarise each model of a batch in one row: compliance, judge ratings, cost and latency.
 
     Units and rules:
 
@@ -490,7 +499,7 @@ def _add_judge_columns(frame: pd.DataFrame, frames: dict[str, pd.DataFrame], **b
 
 
 def summary_frame(store: Store, batch_ids: BatchIds = None, **options: Any) -> pd.DataFrame:
-    """Per-model summaries of several batches in one flat frame.
+    """Combine the per-model summaries of several batches in one flat frame.
 
     One row per (batch, model), with ``batch_id``, ``batch_name``, ``protocol_id``,
     ``protocol_hash`` and the sampling parameters as columns. ``options`` are passed
@@ -523,21 +532,35 @@ def summary_frame(store: Store, batch_ids: BatchIds = None, **options: Any) -> p
 # ---------------------------------------------------------------------------
 
 
-def _assistant_turns(store: Store, batch_id: int) -> dict[int, list[AssistantTurn]]:
+def _per_run(store: Store, batch_id: int, compute: Callable[[list[AssistantTurn]], T]) -> dict[int, T]:
+    """Apply ``compute`` to each run's assistant turns, in turn order, keyed by run id.
+
+    Rows are streamed in run order and each run's turns are dropped once computed, so
+    memory holds one transcript at a time, not the whole batch.
+    """
     query = (
         select(Turn.run_id, Turn.turn_number, Turn.content, Turn.verdict, Turn.extracted)
         .join(Run, Run.id == Turn.run_id)
         .where(Run.batch_id == batch_id, Turn.role == "assistant")
         .order_by(Turn.run_id, Turn.idx)
+        .execution_options(yield_per=_STREAM_ROWS)
     )
 
     def read(session):  # type: ignore[no-untyped-def]
-        return session.execute(query).all()
+        results: dict[int, T] = {}
+        current_id: int | None = None
+        current: list[AssistantTurn] = []
+        for run_id, turn_number, content, verdict, extracted in session.execute(query):
+            if run_id != current_id:
+                if current_id is not None:
+                    results[current_id] = compute(current)
+                current_id, current = run_id, []
+            current.append(AssistantTurn(turn_number, content, verdict, extracted))
+        if current_id is not None:
+            results[current_id] = compute(current)
+        return results
 
-    grouped: dict[int, list[AssistantTurn]] = {}
-    for run_id, turn_number, content, verdict, extracted in store.read(read):
-        grouped.setdefault(run_id, []).append(AssistantTurn(turn_number, content, verdict, extracted))
-    return grouped
+    return store.read(read)
 
 
 def _run_keys(store: Store, batch_id: int) -> pd.DataFrame:
@@ -546,7 +569,7 @@ def _run_keys(store: Store, batch_id: int) -> pd.DataFrame:
 
 
 def self_talk(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
-    """One row per run with the objective self-talk metrics of ``hermitkit.metrics.run_metrics``.
+    """Compute the self-talk metrics of ``hermitkit.metrics.run_metrics`` for every run.
 
     Columns include ``end_state`` (repetition_loop, silence, symbol_collapse,
     stuck_asking or none) and ``end_state_onset`` (turn number), ``loop_onset``,
@@ -555,8 +578,8 @@ def self_talk(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
     """
     batch_id = resolve_batch_id(store, batch_id)
     keys = _run_keys(store, batch_id)
-    turns = _assistant_turns(store, batch_id)
-    metrics = [{"run_id": run_id, **run_metrics(turns.get(run_id, []))} for run_id in keys["run_id"]]
+    per_run = _per_run(store, batch_id, run_metrics)
+    metrics = [{"run_id": run_id, **(per_run[run_id] if run_id in per_run else run_metrics([]))} for run_id in keys["run_id"]]
     frame = keys.merge(pd.DataFrame(metrics), on="run_id", how="left") if metrics else keys
     for column in ("loop_onset", "end_state_onset", "turns", "exact_repeats", "near_repeats", "asking_turns"):
         if column in frame:
@@ -567,17 +590,17 @@ def self_talk(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
 
 
 def self_talk_turns(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
-    """One row per assistant turn with ``hermitkit.metrics.turn_metrics``."""
+    """Compute ``hermitkit.metrics.turn_metrics`` for every assistant turn of a batch."""
     batch_id = resolve_batch_id(store, batch_id)
     keys = _run_keys(store, batch_id)
-    turns = _assistant_turns(store, batch_id)
-    rows = [{"run_id": run_id, **row} for run_id in keys["run_id"] for row in turn_metrics(turns.get(run_id, []))]
+    per_run = _per_run(store, batch_id, turn_metrics)
+    rows = [{"run_id": run_id, **row} for run_id in keys["run_id"] for row in per_run.get(run_id, [])]
     columns = ["run_id", "turn", "verdict", "prompt_words", "similarity_to_previous", "repeat", "asks_for_input", "symbol_density", "emoji_density"]
     return keys[["run_id", "model", "repetition"]].merge(pd.DataFrame(rows, columns=columns), on="run_id", how="inner")
 
 
 def end_state_counts(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
-    """Runs per model (rows) and end state (columns), in the order of ``END_STATES``."""
+    """Count runs per model (rows) and end state (columns), in the order of ``END_STATES``."""
     frame = self_talk(store, batch_id)
     if frame.empty:
         return pd.DataFrame(columns=list(END_STATES))
@@ -586,7 +609,7 @@ def end_state_counts(store: Store, batch_id: int | str | None = None) -> pd.Data
 
 
 def compliance_over_turns(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
-    """Share of runs whose reply at each turn number was ``ok``, per model.
+    """Compute, per model and turn number, the share of runs whose reply was ``ok``.
 
     Columns: ``model``, ``turn``, ``runs`` (runs that reached that turn) and
     ``compliance`` (0 to 1).

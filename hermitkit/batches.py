@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from hermitkit import __version__
 from hermitkit.client import ChatReply, ModelInfo
 from hermitkit.config import BatchConfig
 from hermitkit.protocol import Classification, Protocol
-from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, Run, Turn, run_counts_update, touch_batch, utcnow
+from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, Run, Turn, touch_batch, utcnow
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,38 @@ def create_batch(session: Session, config: BatchConfig, protocol: Protocol, *, e
     return batch.id
 
 
+_TURNS = Turn.__table__
+_RUNS = Run.__table__
+_VERDICT_COUNTS = ("ok", "multiple", "unbalanced", "empty", "missing")
+
+# Built once with bound parameters, so SQLAlchemy compiles each statement a single time;
+# ``insert(Turn).values(...)`` would build, hash and look up a new statement per turn.
+_INSERT_TURNS = insert(_TURNS)
+_ADD_TO_RUN_COUNTS = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("target_run_id"))
+    .values(
+        turn_count=_RUNS.c.turn_count + 1,
+        **{f"{verdict}_count": _RUNS.c[f"{verdict}_count"] + bindparam(f"add_{verdict}") for verdict in _VERDICT_COUNTS},
+        prompt_tokens=_RUNS.c.prompt_tokens + bindparam("add_prompt_tokens"),
+        completion_tokens=_RUNS.c.completion_tokens + bindparam("add_completion_tokens"),
+        reasoning_tokens=_RUNS.c.reasoning_tokens + bindparam("add_reasoning_tokens"),
+        cost_usd=_RUNS.c.cost_usd + bindparam("add_cost_usd"),
+    )
+)
+_COUNT_INITIAL_PROMPT = select(func.count()).select_from(_TURNS).where(_TURNS.c.run_id == bindparam("target_run_id"), _TURNS.c.idx == 0)
+_MARK_RUNNING = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("target_run_id"))
+    .values(status="running", error=None, started_at=func.coalesce(_RUNS.c.started_at, bindparam("now", type_=_RUNS.c.started_at.type)))
+)
+_SELECT_HISTORY = (
+    select(_TURNS.c.idx, _TURNS.c.role, _TURNS.c.content, _TURNS.c.turn_number, _TURNS.c.verdict)
+    .where(_TURNS.c.run_id == bindparam("target_run_id"))
+    .order_by(_TURNS.c.idx)
+)
+
+
 _TASK_COLUMNS = (Run.id, Run.model, Run.repetition, Run.status, Run.turn_count, Run.turns_target)
 
 
@@ -134,20 +166,22 @@ def missing_judgements(session: Session, batch_id: int, judges: list[str]) -> in
 
 
 def load_history(session: Session, run_id: int) -> list[dict[str, Any]]:
-    rows = session.execute(
-        select(Turn.idx, Turn.role, Turn.content, Turn.turn_number, Turn.verdict).where(Turn.run_id == run_id).order_by(Turn.idx)
-    )
+    rows = session.execute(_SELECT_HISTORY, {"target_run_id": run_id})
     return [{"idx": idx, "role": role, "content": content or "", "turn": number, "verdict": verdict} for idx, role, content, number, verdict in rows]
 
 
 def start_run(session: Session, run_id: int, initial_prompt: str) -> None:
     """Mark a run as running and store its initial prompt if it has none yet."""
-    has_prompt = session.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id, Turn.idx == 0))
-    if not has_prompt:
-        session.execute(insert(Turn).values(run_id=run_id, idx=0, role="user", content=initial_prompt, created_at=utcnow()))
-    session.execute(
-        update(Run).where(Run.id == run_id).values(status="running", error=None, started_at=func.coalesce(Run.started_at, utcnow()))
-    )
+    now = utcnow()
+    if not session.execute(_COUNT_INITIAL_PROMPT, {"target_run_id": run_id}).scalar():
+        session.execute(_INSERT_TURNS, {"run_id": run_id, "idx": 0, "role": "user", "content": initial_prompt, "created_at": now})
+    session.execute(_MARK_RUNNING, {"target_run_id": run_id, "now": now})
+
+
+def begin_run(session: Session, run_id: int, initial_prompt: str) -> list[dict[str, Any]]:
+    """``start_run`` and ``load_history`` in one transaction: return the run's messages so far."""
+    start_run(session, run_id, initial_prompt)
+    return load_history(session, run_id)
 
 
 def add_exchange(
@@ -167,45 +201,85 @@ def add_exchange(
     concurrent write can never store a turn twice or count it twice. ``echo`` is
     ``None`` after the last turn, which is never sent.
     """
-    now = utcnow()
-    session.execute(
-        insert(Turn).values(
-            run_id=run_id,
-            idx=idx,
-            role="assistant",
-            content=reply.content,
-            reasoning=reply.reasoning,
-            turn_number=turn_number,
-            verdict=classification.verdict,
-            extracted=classification.extracted,
-            finish_reason=reply.finish_reason,
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            reasoning_tokens=reply.reasoning_tokens,
-            cost_usd=cost_usd,
-            latency_s=reply.latency_s,
-            generation_id=reply.generation_id,
-            provider=reply.provider,
-            served_model=reply.served_model,
-            created_at=now,
-        )
-    )
-    if echo is not None:
-        session.execute(insert(Turn).values(run_id=run_id, idx=idx + 1, role="user", content=echo, created_at=now))
+    add_exchanges(session, [dict(run_id=run_id, idx=idx, turn_number=turn_number, reply=reply, cost_usd=cost_usd, classification=classification, echo=echo)])
 
-    values = run_counts_update(classification.verdict)
-    values[Run.prompt_tokens] = Run.prompt_tokens + (reply.prompt_tokens or 0)
-    values[Run.completion_tokens] = Run.completion_tokens + (reply.completion_tokens or 0)
-    values[Run.reasoning_tokens] = Run.reasoning_tokens + (reply.reasoning_tokens or 0)
-    values[Run.cost_usd] = Run.cost_usd + (cost_usd or 0.0)
-    session.execute(update(Run).where(Run.id == run_id).values(values))
+
+def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[None]:
+    """Store several exchanges (keyword arguments of ``add_exchange``) with two statements.
+
+    One executemany inserts every turn row and one updates every run's counts, so a
+    group of exchanges costs two round trips to the database instead of two each.
+    The exchanges must belong to different runs.
+    """
+    rows: list[dict[str, Any]] = []
+    counts: list[dict[str, Any]] = []
+    for exchange in exchanges:
+        exchange_rows, run_counts = _exchange_rows(**exchange)
+        rows.extend(exchange_rows)
+        counts.append(run_counts)
+
+    session.execute(_INSERT_TURNS, rows)
+    session.execute(_ADD_TO_RUN_COUNTS, counts)
+    return [None] * len(exchanges)
+
+
+def _exchange_rows(
+    *,
+    run_id: int,
+    idx: int,
+    turn_number: int,
+    reply: ChatReply,
+    cost_usd: float | None,
+    classification: Classification,
+    echo: str | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The turn rows of one exchange and the parameters of its run-count update."""
+    verdict = classification.verdict
+    if verdict not in _VERDICT_COUNTS:
+        raise ValueError(f"Unknown verdict {verdict!r}: expected one of {', '.join(_VERDICT_COUNTS)}.")
+
+    now = utcnow()
+    assistant = {
+        "run_id": run_id,
+        "idx": idx,
+        "role": "assistant",
+        "content": reply.content,
+        "reasoning": reply.reasoning,
+        "turn_number": turn_number,
+        "verdict": verdict,
+        "extracted": classification.extracted,
+        "finish_reason": reply.finish_reason,
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "reasoning_tokens": reply.reasoning_tokens,
+        "cost_usd": cost_usd,
+        "latency_s": reply.latency_s,
+        "generation_id": reply.generation_id,
+        "provider": reply.provider,
+        "served_model": reply.served_model,
+        "created_at": now,
+    }
+    rows = [assistant]
+    if echo is not None:
+        # An executemany needs the same keys in every row.
+        rows.append({**dict.fromkeys(assistant), "run_id": run_id, "idx": idx + 1, "role": "user", "content": echo, "created_at": now})
+
+    run_counts = {
+        "target_run_id": run_id,
+        **{f"add_{name}": int(name == verdict) for name in _VERDICT_COUNTS},
+        "add_prompt_tokens": reply.prompt_tokens or 0,
+        "add_completion_tokens": reply.completion_tokens or 0,
+        "add_reasoning_tokens": reply.reasoning_tokens or 0,
+        "add_cost_usd": cost_usd or 0.0,
+    }
+    return rows, run_counts
 
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
     values: dict[str, Any] = {"status": status, "error": error}
     if status in FINAL_RUN_STATUSES:
         values["finished_at"] = utcnow()
-    session.execute(update(Run).where(Run.id == run_id).values(**values))
+    session.execute(update(_RUNS).where(_RUNS.c.id == bindparam("target_run_id")), {"target_run_id": run_id, **values})
 
 
 def set_batch_status(session: Session, batch_id: int, status: str, error: str | None = None) -> None:

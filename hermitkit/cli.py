@@ -278,6 +278,70 @@ def export(batch_id: int, fmt: str, out_dir: Path, database_url: str | None) -> 
         click.echo(f"wrote {path}")
 
 
+@cli.command()
+@click.argument("batch_id")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["csv", "scorecard", "personas", "html", "all"]), default=("all",), show_default=True, help="Report to write; repeat the option for several.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder to write into (default: reports/BATCH_ID).")
+@click.option("--judge", "judge_model", default=None, help="Judge model that writes missing syntheses and persona text (default: the batch's first judge).")
+@click.option("--regenerate", is_flag=True, help="Ask the judge for new syntheses and persona text even when they are stored.")
+@click.option("--notebook", is_flag=True, help="Also execute notebooks/report.ipynb with papermill into the output folder.")
+@database_option
+def report(batch_id: str, formats: tuple[str, ...], out_dir: Path | None, judge_model: str | None, regenerate: bool, notebook: bool, database_url: str | None) -> None:
+    """Write CSV tables, a Markdown scorecard, persona cards and an HTML page for a stored batch.
+
+    BATCH_ID is a number or 'latest'. Only persona cards may call the judge model, and
+    only when no synthesis or persona is stored for a model yet (or with --regenerate).
+    """
+    from hermitkit.analysis import resolve_batch_id
+    from hermitkit.reports import write_report
+
+    store = _store(database_url)
+    resolved = resolve_batch_id(store, batch_id)
+    folder = out_dir or Path("reports") / str(resolved)
+    for path in write_report(store, resolved, folder, formats, judge_model=judge_model, regenerate=regenerate):
+        click.echo(f"wrote {path}")
+    if notebook:
+        from hermitkit.notebooks import run_report_notebook
+
+        for path in run_report_notebook(resolved, out_dir=folder, database_url=database_url):
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("batch_id")
+@click.option("--judge", "judge_model", required=True, help="Judge model id (e.g. openai/gpt-4o-mini) whose verdicts are stored beside the existing ones.")
+@click.option("--only-missing", is_flag=True, help="Judge only runs that have no verdict from this judge yet.")
+@database_option
+def judge(batch_id: str, judge_model: str, only_missing: bool, database_url: str | None) -> None:
+    """Judge the finished runs of a stored batch again, without generating them again.
+
+    BATCH_ID is a number or 'latest'. The judge's sampling settings come from the
+    batch's stored config; each new verdict goes into the next round for that judge.
+    """
+    from hermitkit.analysis import resolve_batch_id, summary
+    from hermitkit.rejudge import rejudge_batch
+
+    store = _store(database_url)
+    resolved = resolve_batch_id(store, batch_id)
+    outcome = rejudge_batch(store, resolved, judge_model, only_missing=only_missing)
+    click.echo(f"Batch {resolved}: stored {outcome.judged} verdict(s) from {printable(judge_model)}, {outcome.parse_failures} failed to parse, cost ${outcome.cost_usd:.4f}.")
+    if outcome.skipped:
+        click.echo(f"Skipped {len(outcome.skipped)} unfinished run(s): {', '.join(map(str, outcome.skipped))}.")
+
+    frame = summary(store, resolved, judge_model=judge_model)
+    if not frame.empty:
+        shown = frame[["runs", "verdicts", "judge_parse_failures", "mirror_pass_rate", "autonomy_mean", "sophistication_mean"]]
+        shown.columns = ["runs", "verdicts", "parse fails", "mirror pass", "autonomy", "sophistication"]
+        click.echo(f"\nVerdicts of {printable(judge_model)} (means exclude verdicts that failed to parse):")
+        with _pandas_display():
+            click.echo(shown.to_string(float_format=lambda value: f"{value:.2f}"))
+    if outcome.errors:
+        for run_id, error in sorted(outcome.errors.items()):
+            click.secho(f"Run {run_id}: {printable(error)}", fg="red", err=True)
+        click.echo(f"{len(outcome.errors)} run(s) got no verdict because the judge request failed; run the command again with --only-missing to judge just those.")
+        sys.exit(1)
+
+
 @cli.command("demo-server")
 @click.option("--port", type=int, default=8765, show_default=True, help="TCP port on 127.0.0.1.")
 @click.option("--latency", "latency_s", type=float, default=0.0, show_default=True, help="Delay added to every reply, in seconds.")

@@ -35,6 +35,7 @@ from hermitkit.errors import (
     PermissionDeniedError,
     ProviderError,
 )
+from hermitkit.http_pool import ShardedTransport
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
@@ -150,6 +151,15 @@ def resolve_api_key(base_url: str, api_key_env: str | None = None) -> tuple[str 
 
     key = os.environ.get(env_name, "").strip() or None
     return key, env_name
+
+
+# Request headers that carry credentials; their values never appear in logs.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+
+
+def masked_headers(headers: Any) -> dict[str, str]:
+    """Return a copy of ``headers`` with every credential value replaced by "[redacted]"."""
+    return {name: "[redacted]" if name.lower() in SECRET_HEADERS else value for name, value in headers.items()}
 
 
 def display_url(url: str) -> str:
@@ -558,7 +568,7 @@ class OpenAICompatibleClient:
                 max_connections=self._max_connections,
                 max_keepalive_connections=self._max_connections,
             ),
-            transport=self._transport,
+            transport=self._transport if self._transport is not None else ShardedTransport(max_connections=self._max_connections),
         )
         self._http_loop = loop
         return self._http
@@ -581,6 +591,12 @@ class OpenAICompatibleClient:
         failure = _Failure("no attempt made", None)
 
         for attempt in range(attempts):
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "Sending %s %s%s for model %s, attempt %d of %d, headers %s",
+                    method, self._display_url, path, label, attempt + 1, attempts,
+                    masked_headers(self._http_client().headers),
+                )
             started = time.perf_counter()
             try:
                 response = await self._http_client().request(method, url, json=payload)

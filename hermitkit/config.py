@@ -33,6 +33,7 @@ class EndpointConfig(BaseModel):
     max_retries: int = Field(default=6, ge=0)
     backoff_base_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
+    max_connections: int | None = Field(default=None, ge=1, description="HTTP connections to the endpoint (default: twice the concurrency, at least 8). Requests beyond it wait for a free connection.")
 
     @field_validator("base_url")
     @classmethod
@@ -185,6 +186,9 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
 
         hint = _FIX_HINTS.get(location[0] if location else "", "")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if location[-1:] == ["api_key_env"] and isinstance(value, str):
+            # The value may be a key pasted in by mistake, so only its start is shown.
+            shown = repr(value[:4]) + "..."
         line = f"  - {key} = {shown}: {message}"
         if hint:
             line += f" ({hint})"
@@ -211,7 +215,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Invalid --set {text!r}: the value is not valid YAML ({exc.problem}).") from None
+        # A ReaderError (a control character in the value) has no ``problem`` attribute.
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"Invalid --set {text!r}: the value is not valid YAML ({problem}).") from None
     return key.split("."), value
 
 

@@ -36,7 +36,7 @@ def _json_cell(value: Any) -> Any:
 
 
 def safe_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``frame`` with list and dict cells as JSON and formula-like text neutralised.
+    """Return a copy of ``frame`` with list and dict cells as JSON and formula-like text neutralised.
 
     Text columns of every dtype are checked: object, pandas' string dtype (the default
     for text from pandas 3) and categories. The index and column names are checked too.

@@ -5,16 +5,17 @@ The *self-prompt* of a turn is the text hermitkit extracted from the reply's bra
 with no braces or only empty braces. The *reply* is the full assistant text.
 
 Every metric here is a heuristic: it counts surface features of the text (words,
-n-grams, Unicode categories, a fixed list of phrases) and knows nothing about meaning.
+n-grams, Unicode categories, a fixed list of phrases) and ignores meaning.
 Use the numbers to find runs worth reading, not as judgements in themselves.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 WORD_PATTERN = re.compile(r"\w+", re.UNICODE)
@@ -32,7 +33,7 @@ SYMBOL_COLLAPSE_DENSITY = 0.5
 
 END_STATES = ("repetition_loop", "silence", "symbol_collapse", "stuck_asking", "none")
 
-# Phrases with which a model asks its (imagined) interlocutor for input. Matched
+# Phrases with which a model requests input from its (imagined) interlocutor. Matched
 # case-insensitively anywhere in the reply.
 ASKING_PATTERNS = (
     r"\bis (?:any|some)(?:one|body) (?:there|here|out there)\b",
@@ -70,7 +71,7 @@ class AssistantTurn:
 
 @dataclass(frozen=True)
 class EndState:
-    """How a run ends: one of ``END_STATES`` and the turn where that state began."""
+    """The end of a run: a label from ``END_STATES`` and the turn where that state began."""
 
     label: str
     onset: int | None
@@ -87,7 +88,7 @@ def prompt_length(prompt: str | None) -> int:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
-    """The set of word n-grams; texts shorter than ``n`` words give their one whole tuple."""
+    """Return the set of word n-grams. A text shorter than ``n`` words gives one tuple of all its words."""
     if not tokens:
         return set()
     if len(tokens) < n:
@@ -134,20 +135,38 @@ def repeat_kinds(prompts: Sequence[str | None], threshold: float = NEAR_REPEAT_T
     because silence has its own end state.
     """
     kinds: list[str | None] = []
-    seen: list[str] = []
+    seen: set[str] = set()
+    # Bigram sets of the earlier prompts, built once each: comparing every prompt with
+    # all earlier ones is quadratic in the number of turns.
+    earlier_grams: list[set[tuple[str, ...]]] = []
     for prompt in prompts:
         normal = _normalised(prompt)
         if not normal:
             kinds.append(None)
             continue
+        grams = ngrams(words(normal), 2)
         if normal in seen:
             kinds.append("exact")
-        elif any(ngram_similarity(normal, earlier) >= threshold for earlier in seen):
+        elif any(_jaccard(grams, earlier) >= threshold for earlier in earlier_grams if _may_reach(grams, earlier, threshold)):
             kinds.append("near")
         else:
             kinds.append(None)
-        seen.append(normal)
+        seen.add(normal)
+        earlier_grams.append(grams)
     return kinds
+
+
+def _jaccard(first: set[tuple[str, ...]], second: set[tuple[str, ...]]) -> float:
+    # Same value as ngram_similarity for the texts these sets came from; never both empty here.
+    return len(first & second) / len(first | second)
+
+
+def _may_reach(first: set[tuple[str, ...]], second: set[tuple[str, ...]], threshold: float) -> bool:
+    # Jaccard similarity is at most min(|A|, |B|) / max(|A|, |B|), so sets of very
+    # different sizes can be skipped without computing it. The bound is a division like
+    # the similarity itself, so rounding cannot skip a pair that would reach the threshold.
+    small, large = sorted((len(first), len(second)))
+    return small / large >= threshold
 
 
 def loop_onset(turns: Sequence[int], kinds: Sequence[str | None], min_length: int = LOOP_MIN_LENGTH) -> int | None:
@@ -167,7 +186,7 @@ def loop_onset(turns: Sequence[int], kinds: Sequence[str | None], min_length: in
 
 
 def asks_for_input(reply: str | None) -> bool:
-    """True when the reply contains a phrase that asks someone else for input or a task.
+    """Return True when the reply contains a phrase that requests input or a task from someone else.
 
     The phrase list (``ASKING_PATTERNS``) is English only, so replies in other
     languages are never counted.
@@ -175,6 +194,7 @@ def asks_for_input(reply: str | None) -> bool:
     return bool(_ASKING.search(reply or ""))
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_emoji(char: str) -> bool:
     code = ord(char)
     return any(low <= code <= high for low, high in _EMOJI_RANGES)
@@ -182,7 +202,7 @@ def _is_emoji(char: str) -> bool:
 
 def _visible(text: str) -> list[str]:
     # Variation selectors and zero-width joiners glue emoji together; they are not
-    # characters a reader sees, so they count neither as symbols nor as text.
+    # visible characters, so they count neither as symbols nor as text.
     return [char for char in text if not char.isspace() and unicodedata.category(char) not in ("Mn", "Cf")]
 
 
@@ -192,7 +212,10 @@ def symbol_density(text: str | None) -> float:
     Letters, digits and punctuation are not symbols. 0.0 for a text with no visible
     character.
     """
-    visible = _visible(text or "")
+    text = text or ""
+    if text.isascii():
+        return _ascii_share(text, _ASCII_SYMBOLS)
+    visible = _visible(text)
     if not visible:
         return 0.0
     symbols = sum(1 for char in visible if unicodedata.category(char).startswith("S") or _is_emoji(char))
@@ -201,10 +224,29 @@ def symbol_density(text: str | None) -> float:
 
 def emoji_density(text: str | None) -> float:
     """Share of visible characters that lie in the emoji and pictograph code point ranges."""
-    visible = _visible(text or "")
+    text = text or ""
+    if text.isascii():
+        return _ascii_share(text, _ASCII_EMOJI)
+    visible = _visible(text)
     if not visible:
         return 0.0
     return sum(1 for char in visible if _is_emoji(char)) / len(visible)
+
+
+def _ascii_share(text: str, members: frozenset[str]) -> float:
+    # No ASCII character is in category Mn or Cf, so the visible characters of an ASCII
+    # text are its non-space ones, and str.split() drops exactly the str.isspace() ones.
+    visible = sum(map(len, text.split()))
+    if not visible:
+        return 0.0
+    return sum(text.count(char) for char in members) / visible
+
+
+# The ASCII characters that symbol_density and emoji_density count, derived from the
+# same rules as their general paths, so the ASCII fast path gives the same numbers.
+_ASCII_CHARS = [chr(code) for code in range(128)]
+_ASCII_SYMBOLS = frozenset(char for char in _ASCII_CHARS if unicodedata.category(char).startswith("S") or _is_emoji(char))
+_ASCII_EMOJI = frozenset(char for char in _ASCII_CHARS if _is_emoji(char))
 
 
 def is_silent(reply: str | None) -> bool:
@@ -223,7 +265,7 @@ def _trailing_onset(turns: Sequence[AssistantTurn], holds: Sequence[bool]) -> in
     return onset
 
 
-def end_state(turns: Sequence[AssistantTurn], tail: int = TAIL_TURNS) -> EndState:
+def end_state(turns: Sequence[AssistantTurn], tail: int = TAIL_TURNS, *, kinds: Sequence[str | None] | None = None) -> EndState:
     """Label how a run ends, from its last ``tail`` turns, and find when that began.
 
     A label applies when its condition holds for every one of the last ``tail`` turns
@@ -232,39 +274,46 @@ def end_state(turns: Sequence[AssistantTurn], tail: int = TAIL_TURNS) -> EndStat
 
     1. ``silence``: the reply is empty, blank or only braces (``is_silent``).
     2. ``symbol_collapse``: the reply's symbol density is at least 0.5.
-    3. ``stuck_asking``: the reply asks for input (``asks_for_input``).
+    3. ``stuck_asking``: the reply requests input (``asks_for_input``).
     4. ``repetition_loop``: the self-prompt repeats an earlier one (``repeat_kinds``).
     5. ``none``: no condition holds on the whole tail.
 
     The onset is the first turn of the unbroken stretch, reaching back from the last
     turn, in which the winning condition holds; it may start before the tail.
+    ``kinds`` is ``repeat_kinds`` of the turns' self-prompts when the caller has it.
     """
     if not turns:
         return EndState("none", None)
 
     window = list(turns[-tail:])
-    kinds = repeat_kinds([turn.prompt for turn in turns])
-    conditions = (
-        ("silence", [is_silent(turn.reply) for turn in turns]),
-        ("symbol_collapse", [symbol_density(turn.reply) >= SYMBOL_COLLAPSE_DENSITY for turn in turns]),
-        ("stuck_asking", [asks_for_input(turn.reply) for turn in turns]),
-        ("repetition_loop", [kind is not None for kind in kinds]),
+    if kinds is None:
+        kinds = repeat_kinds([turn.prompt for turn in turns])
+    conditions: tuple[tuple[str, Callable[[AssistantTurn, str | None], bool]], ...] = (
+        ("silence", lambda turn, kind: is_silent(turn.reply)),
+        ("symbol_collapse", lambda turn, kind: symbol_density(turn.reply) >= SYMBOL_COLLAPSE_DENSITY),
+        ("stuck_asking", lambda turn, kind: asks_for_input(turn.reply)),
+        ("repetition_loop", lambda turn, kind: kind is not None),
     )
-    for label, holds in conditions:
-        if all(holds[-len(window) :]):
+    pairs = list(zip(turns, kinds, strict=True))
+    for label, condition in conditions:
+        # The tail decides the label, so the whole run is read only for the winner's onset.
+        if all(condition(turn, kind) for turn, kind in pairs[-len(window) :]):
+            holds = [condition(turn, kind) for turn, kind in pairs]
             return EndState(label, _trailing_onset(turns, holds))
     return EndState("none", None)
 
 
-def turn_metrics(turns: Sequence[AssistantTurn]) -> list[dict[str, object]]:
+def turn_metrics(turns: Sequence[AssistantTurn], *, kinds: Sequence[str | None] | None = None) -> list[dict[str, object]]:
     """Per-turn metrics of one run, in turn order.
 
     Columns: ``turn``, ``verdict``, ``prompt_words`` (``prompt_length``),
     ``similarity_to_previous`` (``ngram_similarity`` with the previous turn's
     self-prompt; None on the first turn), ``repeat`` (``repeat_kinds``),
     ``asks_for_input``, ``symbol_density`` and ``emoji_density`` of the reply.
+    ``kinds`` is ``repeat_kinds`` of the turns' self-prompts when the caller has it.
     """
-    kinds = repeat_kinds([turn.prompt for turn in turns])
+    if kinds is None:
+        kinds = repeat_kinds([turn.prompt for turn in turns])
     rows: list[dict[str, object]] = []
     previous: AssistantTurn | None = None
     for turn, kind in zip(turns, kinds, strict=True):
@@ -297,11 +346,12 @@ def run_metrics(turns: Sequence[AssistantTurn]) -> dict[str, object]:
     - ``mean_symbol_density`` / ``mean_emoji_density``: means over turns.
     - ``end_state`` and ``end_state_onset``: from ``end_state``.
     """
-    rows = turn_metrics(turns)
+    # repeat_kinds compares every self-prompt with all earlier ones, so it runs once here.
+    kinds = repeat_kinds([turn.prompt for turn in turns])
+    rows = turn_metrics(turns, kinds=kinds)
     count = len(rows)
     similarities = [row["similarity_to_previous"] for row in rows if row["similarity_to_previous"] is not None]
-    kinds = [row["repeat"] for row in rows]
-    state = end_state(turns)
+    state = end_state(turns, kinds=kinds)
 
     def mean(values: Sequence[object]) -> float | None:
         numbers = [float(value) for value in values]  # type: ignore[arg-type]

@@ -1,10 +1,10 @@
 """Parameterised notebooks: run them with papermill, export HTML with nbconvert.
 
 ``run_batch.ipynb`` and ``report.ipynb`` are executed into ``reports/<batch_id>/`` and
-exported to HTML next to the executed copy; both files are the shareable report. Secrets
-never enter a notebook: parameters that look like a key, or a database URL with a
-password, are rejected, the kernel reads keys and credentials from its environment, and
-every written file is checked for the values of secret environment variables.
+exported to HTML next to the executed copy. Both files are the shareable report, so no
+secret may enter them. Parameters that look like a key, or URLs with a password, are
+rejected. The kernel reads keys and credentials from its environment. Every written file
+is checked for the values of secret environment variables.
 
 The ``show_*`` functions are what the notebooks' cells call to render a batch as static
 outputs (HTML tables, PNG images), so the exported HTML shows everything without a kernel.
@@ -40,6 +40,8 @@ _KEY_PATTERNS = (
     re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"),
     re.compile(r"\bBearer\s+[A-Za-z0-9._\-]{16,}", re.IGNORECASE),
 )
+# A URL with credentials, such as postgresql://user:password@host/db.
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:[^/\s@]+@")
 # Override keys that would put a secret into a config, e.g. ``endpoint.api_key=...``.
 _SECRET_KEY_NAMES = re.compile(r"(?:^|[._])(?:api_?key|key|token|secret|password|passwd)$", re.IGNORECASE)
 # Environment variables whose values must never appear in a written notebook or HTML.
@@ -115,16 +117,22 @@ def check_parameters(**parameters: Any) -> None:
             for variable, secret in secrets.items():
                 if secret in text:
                     raise ConfigError(f"Parameter {where} contains the value of {variable}; pass no secret as a parameter, the kernel reads it from the environment.")
-            if "://" in text and database_url_has_password(text):
-                check_database_url(text)
+            if _URL_WITH_PASSWORD.search(text):
+                raise ConfigError(
+                    f"Parameter {where} contains a URL with a password, which would be saved in the notebook. "
+                    f"Leave the password out and put the full URL in an environment variable, such as {DATABASE_URL_ENV} for the database."
+                )
             key, separator, _value = text.partition("=")
             if separator and _SECRET_KEY_NAMES.search(key.strip()):
                 raise ConfigError(f"Override {text.split('=')[0]}=... in {where} sets a secret; keys come from the environment, never from parameters.")
 
 
-def check_files_for_secrets(paths: Iterable[Path]) -> None:
-    """Delete every written file if any contains a secret value, and raise naming the variable."""
-    secrets = secret_values()
+def check_files_for_secrets(paths: Iterable[Path], extra: Mapping[str, str] | None = None) -> None:
+    """Delete every written file if any contains a secret value, and raise naming the variable.
+
+    ``extra`` adds secrets that are not in the environment (name to value).
+    """
+    secrets = {**secret_values(), **(extra or {})}
     paths = [path for path in paths if path.exists()]
     for path in paths:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -139,7 +147,7 @@ def check_files_for_secrets(paths: Iterable[Path]) -> None:
 
 
 def notebooks_dir() -> Path:
-    """The folder of the bundled notebooks: ``notebooks/`` of the hermitkit checkout.
+    """Find the folder of the bundled notebooks: ``notebooks/`` of the hermitkit checkout.
 
     HERMITKIT_NOTEBOOKS overrides it, e.g. for an installed package without the checkout.
     """
@@ -178,11 +186,11 @@ def resolve_params_path(path: str | os.PathLike[str]) -> Path:
 
 
 def _current_python_kernel_manager() -> type:
-    """A kernel manager that starts ipykernel with this interpreter, whatever ``python3`` means here.
+    """Build a kernel manager class that starts ipykernel with this interpreter.
 
-    The notebooks name the kernel ``python3``; on a machine where that kernel belongs to
-    another Python without hermitkit, papermill would fail. The CLI runs them with the
-    Python it runs in instead.
+    The notebooks name the kernel ``python3``. On a machine where that kernel belongs to
+    another Python without hermitkit, papermill would fail, so the CLI runs them with the
+    Python it runs in.
     """
     from jupyter_client.kernelspec import KernelSpec
     from jupyter_client.manager import AsyncKernelManager
@@ -268,8 +276,16 @@ def export_html(notebook: Path, html_path: Path | None = None) -> Path:
     return html_path
 
 
+def _database_secret(database_url: str | None) -> dict[str, str]:
+    from sqlalchemy.engine import make_url
+
+    if not database_url or not database_url_has_password(database_url):
+        return {}
+    return {"the password of the database URL": str(make_url(database_url).password)}
+
+
 def _parameter_database_url(database_url: str | None) -> str:
-    """The URL to write into the notebook: the real one when it has no password, else blank."""
+    """Return the URL to write into the notebook: the real one when it has no password, else blank."""
     if not database_url:
         return ""
     return "" if database_url_has_password(database_url) else database_url
@@ -302,7 +318,7 @@ def run_report_notebook(
 
     execute_notebook(notebook_path("report"), notebook, parameters, kernel_name=kernel_name, database_url=database_url)
     paths = [notebook, export_html(notebook)]
-    check_files_for_secrets(paths)
+    check_files_for_secrets(paths, _database_secret(database_url))
     return paths
 
 
@@ -318,8 +334,9 @@ def run_batch_notebook(
     """Execute ``run_batch.ipynb`` for a params file into ``reports/<batch_id>/``.
 
     The config is validated here first, so a bad params file fails before a kernel
-    starts. Returns the executed notebook and its HTML export; when the batch fails
-    after it was created, the partly executed notebook is still moved there and exported.
+    starts. Returns the executed notebook and its HTML export. When the batch fails
+    after it was created, the partly executed notebook is still moved there and exported
+    before the error is raised.
     """
     from hermitkit.config import load_params
 
@@ -357,7 +374,7 @@ def run_batch_notebook(
     shutil.move(str(staged), notebook)
     shutil.rmtree(staging, ignore_errors=True)
     paths = [notebook, export_html(notebook)]
-    check_files_for_secrets(paths)
+    check_files_for_secrets(paths, _database_secret(database_url))
     if failure is not None:
         raise HermitkitError(f"{failure} The notebook and its HTML are in {folder}.")
     return paths
@@ -381,7 +398,7 @@ def record_batch_id(path: str, batch_id: int) -> None:
 
 
 def open_store(database_url: str = "") -> Any:
-    """The store a notebook reads: ``database_url`` if given, else the environment's."""
+    """Open the store a notebook reads: ``database_url`` if given, else the environment's."""
     from hermitkit.store import Store
 
     check_database_url(database_url)
@@ -394,27 +411,45 @@ def _display_html(markup: str) -> None:
     display(HTML(markup))
 
 
+def create_syntheses_and_personas(store: Any, batch_id: int, sections: Iterable[str] = REPORT_SECTIONS) -> None:
+    """Ask the batch's first judge for the missing syntheses and persona cards the sections show.
+
+    Sends requests to the batch's endpoint (free on the demo server). A failure is
+    printed and the report goes on without the missing parts.
+    """
+    from hermitkit.synthesis import ensure_personas, ensure_syntheses
+
+    chosen = check_sections(sections)
+    try:
+        if "personas" in chosen:
+            ensure_personas(store, batch_id)
+        elif "synthesis" in chosen:
+            ensure_syntheses(store, batch_id)
+    except HermitkitError as exc:
+        print(f"Could not create syntheses or persona cards: {exc}")
+
+
 def show_header(store: Any, batch_id: int) -> None:
     from hermitkit.export import DEMO_NOTICE
     from hermitkit.status import batch_status
-    from hermitkit.widgets import _escape
+    from hermitkit.widgets.base import escape
 
     info = batch_status(store, batch_id)
     lines = [
-        f"<h2>Batch {batch_id}: {_escape(info['name'] or 'no name')}</h2>",
-        f"<p>Status <b>{_escape(info['status'])}</b>; protocol {_escape(info['protocol_id'])} ({_escape(info['protocol_hash'][:12])}); "
-        f"endpoint {_escape(info['endpoint'])}; created {info['created_at']:%Y-%m-%d %H:%M} UTC.<br>"
+        f"<h2>Batch {batch_id}: {escape(info['name'] or 'no name')}</h2>",
+        f"<p>Status <b>{escape(info['status'])}</b>; protocol {escape(info['protocol_id'])} ({escape(info['protocol_hash'][:12])}); "
+        f"endpoint {escape(info['endpoint'])}; created {info['created_at']:%Y-%m-%d %H:%M} UTC.<br>"
         f"Assistant turns {info['turns']} of {info['turns_target']}; verdicts {info['verdicts']} ({info['parse_failures']} failed to parse); spent ${info['spent_usd']:.4f}.</p>",
     ]
     if info["is_demo"]:
-        lines.append(f"<p style='color:#8c1d18;font-weight:600'>{_escape(DEMO_NOTICE)}</p>")
+        lines.append(f"<p style='color:#8c1d18;font-weight:600'>{escape(DEMO_NOTICE)}</p>")
     if info["error"]:
-        lines.append(f"<p><i>Note:</i> {_escape(info['error'])}</p>")
+        lines.append(f"<p><i>Note:</i> {escape(info['error'])}</p>")
     _display_html("".join(lines))
 
 
 def show_summary(store: Any, batch_id: int) -> None:
-    from hermitkit.widgets import summary_table_html
+    from hermitkit.widgets.render import summary_table_html
 
     _display_html("<h3>Per-model summary</h3><p>Judge means exclude verdicts that failed to parse.</p>" + summary_table_html(store, batch_id))
 
@@ -422,49 +457,48 @@ def show_summary(store: Any, batch_id: int) -> None:
 def show_plots(store: Any, batch_id: int) -> None:
     from IPython.display import Image, display
 
-    from hermitkit.widgets import _message, batch_figures, figure_png
+    from hermitkit.widgets.base import escape, message
+    from hermitkit.widgets.render import batch_figures, figure_png
 
     for title, figure in batch_figures(store, batch_id):
-        _display_html(f"<h3>{title}</h3>")
+        _display_html(f"<h3>{escape(title)}</h3>")
         if isinstance(figure, str):
-            _display_html(_message(figure, error=True))
+            _display_html(message(figure, error=True))
         else:
             display(Image(data=figure_png(figure), format="png"))
 
 
 def show_syntheses(store: Any, batch_id: int) -> None:
-    """Stored thematic syntheses of the batch, one block per model."""
-    from sqlalchemy import select
+    """Show the newest stored thematic synthesis of each model."""
+    from hermitkit.synthesis import stored_syntheses
+    from hermitkit.widgets.base import escape, message
 
-    from hermitkit.store import Synthesis
-    from hermitkit.widgets import _escape, _message
-
-    rows = store.read(lambda session: session.scalars(select(Synthesis).where(Synthesis.batch_id == batch_id).order_by(Synthesis.model)).all())
     parts = ["<h3>Thematic synthesis</h3>"]
-    if not rows:
-        parts.append(_message("No synthesis stored for this batch."))
-    for row in rows:
-        parts.append(f"<h4>{_escape(row.model)} <small>(judge {_escape(row.judge_model)}, {_escape(row.status)})</small></h4><ul>")
-        for theme in row.themes or []:
-            if isinstance(theme, dict):
-                name = theme.get("name") or theme.get("theme") or ""
-                detail = theme.get("description") or theme.get("summary") or ""
-                parts.append(f"<li><b>{_escape(name)}</b> {_escape(detail)}</li>")
-            else:
-                parts.append(f"<li>{_escape(theme)}</li>")
-        parts.append("</ul>")
+    syntheses = stored_syntheses(store, batch_id)
+    if not syntheses:
+        parts.append(message("No synthesis stored for this batch."))
+    for model, synthesis in sorted(syntheses.items()):
+        parts.append(f"<h4>{escape(model)} <small>(written by {escape(synthesis['judge_model'])})</small></h4>")
+        if synthesis["status"] != "ok":
+            parts.append(message("The synthesis failed to parse.", error=True))
+            continue
+        items = "".join(
+            f"<li><b>{escape(theme.get('name'))}</b>: {escape(theme.get('description'))} (runs {escape(', '.join(str(run) for run in theme.get('run_ids') or []))})</li>"
+            for theme in synthesis["themes"]
+        )
+        parts.append(f"<ul>{items}</ul>")
     _display_html("".join(parts))
 
 
 def show_personas(store: Any, batch_id: int) -> None:
-    from hermitkit.widgets import persona_cards_html
+    from hermitkit.widgets.render import persona_cards_html
 
     _display_html("<h3>Persona cards</h3>" + persona_cards_html(store, batch_id))
 
 
 def selected_run_ids(store: Any, batch_id: int, *, per_model: int = 1) -> list[int]:
-    """The first ``per_model`` runs of each model, in model order."""
-    from hermitkit.widgets import batch_runs
+    """Pick the first ``per_model`` runs of each model, in model order."""
+    from hermitkit.widgets.render import batch_runs
 
     picked: list[int] = []
     counts: dict[str, int] = {}
@@ -477,7 +511,7 @@ def selected_run_ids(store: Any, batch_id: int, *, per_model: int = 1) -> list[i
 
 def show_transcripts(store: Any, batch_id: int, run_ids: Iterable[int] | None = None) -> None:
     from hermitkit.status import run_transcript
-    from hermitkit.widgets import transcript_html
+    from hermitkit.widgets.render import transcript_html
 
     chosen = list(run_ids) if run_ids else selected_run_ids(store, batch_id)
     _display_html("<h3>Selected transcripts</h3>")

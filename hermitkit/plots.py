@@ -10,8 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-from hermitkit.analysis import batch_is_demo, compliance_over_turns, end_state_counts, mirror_outcomes, resolve_batch_id
+from hermitkit.analysis import (
+    batch_is_demo,
+    compliance_over_turns,
+    end_state_counts,
+    mirror_outcomes,
+    resolve_batch_id,
+)
 from hermitkit.export import DEMO_NOTICE
 from hermitkit.store import Store
 
@@ -20,8 +27,13 @@ END_STATE_COLOURS = {"repetition_loop": "#e8590c", "silence": "#495057", "symbol
 
 
 def _mark_demo(figure: Figure, is_demo: bool) -> None:
-    if is_demo:
-        figure.text(0.5, 0.005, DEMO_NOTICE, ha="center", va="bottom", fontsize=7, color="#c92a2a")
+    if not is_demo:
+        return
+    # Keep a strip at the bottom free of axes, so the notice never overlaps tick labels.
+    engine = figure.get_layout_engine()
+    if isinstance(engine, ConstrainedLayoutEngine):
+        engine.set(rect=(0, 0.05, 1, 0.95))
+    figure.text(0.5, 0.005, DEMO_NOTICE, ha="center", va="bottom", fontsize=7, color="#c92a2a")
 
 
 def _empty(figure: Figure, message: str) -> Figure:

@@ -7,6 +7,7 @@ of a run are exact and can be recomputed from its stored transcript.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -268,9 +269,12 @@ def protocol_from_yaml(text: str, *, source: str = "protocol YAML") -> Protocol:
 
 
 def _validate_protocol_fields(data: dict[str, object], *, source: str) -> None:
-    unknown = sorted(set(data) - set(_PROTOCOL_KEYS))
+    # YAML keys may be numbers or booleans, which do not sort together with strings.
+    unknown = sorted(set(data) - set(_PROTOCOL_KEYS), key=repr)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(_PROTOCOL_KEYS)}.")
+        close = [match for key in unknown for match in difflib.get_close_matches(str(key), _PROTOCOL_KEYS, n=1)]
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(_PROTOCOL_KEYS)}.{hint}")
 
     for key in ("id", "initial_prompt", "warning"):
         value = data.get(key)

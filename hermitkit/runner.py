@@ -34,6 +34,7 @@ from hermitkit.judge import JudgeOutcome, ParseFailure, judge_transcript
 from hermitkit.protocol import Protocol, build_messages, classify, next_user_message
 from hermitkit.providers import ProviderSet
 from hermitkit.store import Batch, Store, batch_spent_usd
+from hermitkit.writer import GroupWriter
 
 log = logging.getLogger("hermitkit.runner")
 
@@ -102,13 +103,13 @@ class BatchExecution:
         self.fatal: ProviderError | None = None
         self._model_slots: dict[str, asyncio.Semaphore] = {}
         # One writer thread: writes from this process never contend with each other,
-        # and the event loop never blocks on a commit.
-        self._db_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermitkit-db")
+        # the event loop never blocks on a commit, and calls queued during a commit
+        # share the next one.
+        self._writer = GroupWriter(store, merged={batches.add_exchange: batches.add_exchanges})
         self._bar: Any = None
 
     async def _db(self, action: Callable[..., T], /, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_thread, partial(self.store.write, partial(action, **kwargs)))
+        return await self._writer.run(action, **kwargs)
 
     def _emit(self, kind: str, **data: Any) -> None:
         if self.on_event is None:
@@ -138,7 +139,7 @@ class BatchExecution:
         try:
             return await self._execute()
         finally:
-            self._db_thread.shutdown(wait=True)
+            self._writer.close()
             if self._bar is not None:
                 self._bar.close()
 
@@ -190,8 +191,7 @@ class BatchExecution:
 
     async def _run(self, task: batches.RunTask) -> str:
         """Send the missing turns of one run; return the run's final status."""
-        await self._db(batches.start_run, run_id=task.run_id, initial_prompt=self.protocol.initial_prompt)
-        history = await self._db(batches.load_history, run_id=task.run_id)
+        history = await self._db(batches.begin_run, run_id=task.run_id, initial_prompt=self.protocol.initial_prompt)
         done = sum(1 for message in history if message["role"] == "assistant")
         info = self.catalogue.get(task.model)
         provider = self.providers.for_model(task.model)
@@ -232,6 +232,9 @@ class BatchExecution:
             turn_number = done + 1
             echo = next_user_message(self.protocol, classification) if turn_number < self.config.turns else None
             cost = reply_cost(reply, info)
+            # Counted before the write: the reply is paid for even if storing it waits, and
+            # other workers must not send while the spend is already over the budget.
+            self.spent_usd += cost or 0.0
             try:
                 await self._db(
                     batches.add_exchange,
@@ -250,7 +253,6 @@ class BatchExecution:
                 done = sum(1 for message in history if message["role"] == "assistant")
                 continue
 
-            self.spent_usd += cost or 0.0
             history.append({"role": "assistant", "content": reply.content or "", "turn": turn_number, "verdict": classification.verdict})
             if echo is not None:
                 history.append({"role": "user", "content": echo, "turn": None, "verdict": None})
@@ -275,6 +277,8 @@ class BatchExecution:
             self._bar.update(turns)
 
     async def _judge(self, task: batches.RunTask) -> None:
+        if not self.config.judges:
+            return
         done = await self._db(batches.judged_by, run_id=task.run_id)
         pending = [judge for judge in self.config.judges if judge not in done]
         if not pending:
@@ -323,12 +327,12 @@ class BatchExecution:
                 self._emit("judge_failed", run_id=task.run_id, judge=judge_model, error=str(exc))
                 continue
 
+            self.spent_usd += outcome.cost_usd or 0.0
             try:
                 await self._db(batches.add_judgement, run_id=task.run_id, judge_model=judge_model, round_=0, outcome=outcome)
             except IntegrityError:
                 log.warning("Run %d already has a verdict from %s; keeping the stored one", task.run_id, judge_model)
                 continue
-            self.spent_usd += outcome.cost_usd or 0.0
             self._emit("judged", run_id=task.run_id, model=task.model, judge=judge_model, status=outcome.status)
 
     async def _finish(self) -> BatchOutcome:
@@ -360,7 +364,8 @@ class BatchExecution:
 async def _prepare(config: BatchConfig) -> tuple[ProviderSet, dict[str, ModelInfo]]:
     """Open the providers and check the key and every model id, before any chat request."""
     models = list(dict.fromkeys([*config.models, *config.judges]))
-    providers = ProviderSet(config.endpoint, models=models, max_connections=max(config.concurrency * 2, 8))
+    max_connections = config.endpoint.max_connections or max(config.concurrency * 2, 8)
+    providers = ProviderSet(config.endpoint, models=models, max_connections=max_connections)
     await providers.open()
     try:
         providers.require_key()

@@ -246,6 +246,10 @@ class Synthesis(Base):
     status: Mapped[str] = mapped_column(String(32), default="ok")
     themes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     raw_reply: Mapped[str | None] = mapped_column(Text)
+    # The reply to the repair request: "" when it was empty, None when none was sent.
+    repair_reply: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    failure_detail: Mapped[str | None] = mapped_column(Text)
     cost_usd: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -260,11 +264,18 @@ class Persona(Base):
     model: Mapped[str] = mapped_column(String(300))
     judge_model: Mapped[str] = mapped_column(String(300))
     archetype: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(32), default="ok", server_default="ok")
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     themes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     description: Mapped[str | None] = mapped_column(Text)
     evidence: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # Evidence items dropped because they named a run or turn not of this model.
+    dropped_citations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     raw_reply: Mapped[str | None] = mapped_column(Text)
+    # The reply to the repair request: "" when it was empty, None when none was sent.
+    repair_reply: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    failure_detail: Mapped[str | None] = mapped_column(Text)
     cost_usd: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -402,12 +413,14 @@ class Store:
         with self._sessions() as session, session.begin():
             yield session
 
-    def write(self, action: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def write(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
         """Run ``action`` in one transaction, retrying when the connection drops.
 
         A PostgreSQL backend can be restarted or a connection killed in the middle of a
-        batch; the transaction is then rolled back by the server and can safely run
-        again. Integrity errors are not retried: the caller decides what a duplicate means.
+        batch. The server then rolls the transaction back, so it can safely run again.
+        With the default ``attempts`` the waits add up to about 20 s, enough for a server
+        restart. Integrity errors are not retried, because the caller decides what a
+        duplicate means. Raises StoreError when every attempt lost the connection.
         """
         for attempt in range(1, attempts + 1):
             try:
@@ -416,18 +429,32 @@ class Store:
             except IntegrityError:
                 raise
             except (OperationalError, DBAPIError) as exc:
-                if not _is_disconnect(exc) or attempt == attempts:
+                if not _is_disconnect(exc):
                     raise
+                if attempt == attempts:
+                    raise StoreError(
+                        f"Lost the connection to the database at {redact_url(self.url)} on {attempts} attempts in a row "
+                        f"({type(exc.orig).__name__}: {str(exc.orig).strip()[:200]}). Nothing of the last transaction was stored. "
+                        "Check that the database server is running, then resume the batch with `hermitkit resume BATCH_ID`."
+                    ) from exc
                 log.warning("Database connection lost (%s); retrying transaction, attempt %d of %d", type(exc.orig).__name__, attempt, attempts)
-                time.sleep(min(0.2 * 2**attempt, 3.0))
+                time.sleep(_reconnect_delay_s(attempt))
         raise AssertionError("unreachable")
 
-    def read(self, action: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def read(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
         """Run a read-only ``action``, retrying when the connection drops."""
         return self.write(action, attempts=attempts)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _reconnect_delay_s(attempt: int) -> float:
+    """Seconds to wait after failed ``attempt``: none after the first, then 0.25 s doubling up to 5 s."""
+    # The pool replaces a killed connection at once, so the first retry need not wait.
+    if attempt <= 1:
+        return 0.0
+    return min(0.25 * 2 ** (attempt - 2), 5.0)
 
 
 def _is_disconnect(exc: DBAPIError) -> bool:

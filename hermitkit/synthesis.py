@@ -4,14 +4,14 @@ Model calls happen only here and only when nothing is stored for a model (or whe
 ``regenerate=True``). Results go to the ``syntheses`` and ``personas`` tables and are
 reused by every report. Replies are parsed like judge verdicts: tolerant about where the
 JSON object sits, strict about its content, with one repair request when it does not
-validate. A reply that still fails is stored with status ``parse_failed`` and its raw
-text, so reports show the failure instead of inventing content.
+validate. A reply that still fails is stored with status ``parse_failed``, its failure
+reason and its raw text, so reports show the failure instead of inventing content.
 
 Citations are checked against the store: a theme's run ids must be runs of that model
 in the batch, and a persona's evidence must name one of those runs and one of its
-assistant turn numbers. Citations that do not are dropped and counted. When a repair
-request was sent, ``raw_reply`` holds the first reply, ``REPAIR_SEPARATOR`` and the
-repair reply.
+assistant turn numbers. Citations that do not are dropped and counted. ``raw_reply``
+stores the first reply and ``repair_reply`` the reply to the repair request, if one
+was sent.
 """
 
 from __future__ import annotations
@@ -19,15 +19,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import select
 
-from hermitkit.analysis import judgements_frame, resolve_batch_id, self_talk, summary, turns_frame
+from hermitkit.analysis import (
+    judgements_frame,
+    resolve_batch_id,
+    self_talk,
+    summary,
+    turns_frame,
+)
 from hermitkit.client import ChatProvider, ChatReply
 from hermitkit.judge import remove_trailing_commas
 from hermitkit.store import Persona, Store, Synthesis, utcnow
@@ -36,7 +42,6 @@ log = logging.getLogger("hermitkit.synthesis")
 
 SYNTHESIS_MARKER = "HERMITKIT-SYNTHESIS-V1"
 PERSONA_MARKER = "HERMITKIT-PERSONA-V1"
-REPAIR_SEPARATOR = "\n\n----- repair reply -----\n\n"
 
 MIN_THEMES = 2
 MAX_THEMES = 5
@@ -58,9 +63,9 @@ DEGENERATE_END_STATES = ("repetition_loop", "silence", "symbol_collapse", "stuck
 
 ARCHETYPE_RULES: tuple[tuple[str, str], ...] = (
     ("Unrated", "no verdict of the judge parsed, so there is no autonomy rating"),
-    ("Leader", "autonomy mean >= 4, mirror-test pass rate >= 2/3 and adherence >= 0.8"),
-    ("Follower", "autonomy mean <= 2 and mirror-test pass rate <= 1/3"),
-    ("Rule-bender", "adherence <= 0.5: half or fewer of its replies used the braces correctly"),
+    ("Leader", "autonomy mean of at least 4, mirror-test pass rate of at least 2/3 and adherence of at least 0.8"),
+    ("Follower", "autonomy mean of at most 2 and mirror-test pass rate of at most 1/3"),
+    ("Rule-bender", "adherence of at most 0.5: half or fewer of its replies used the braces correctly"),
     ("Looper", "half or more of its runs end in a loop, silence, symbol collapse or asking for input"),
     ("Explorer", "its most frequent exploration style is breadth"),
     ("Deep diver", "its most frequent exploration style is depth"),
@@ -123,7 +128,7 @@ def _number(value: Any) -> float | None:
 
 
 def persona_stats(summary_row: Mapping[str, Any], end_states: Sequence[str]) -> dict[str, Any]:
-    """The stats of a persona card, from a row of ``analysis.summary`` and the runs' end states.
+    """Compute the stats of a persona card from a row of ``analysis.summary`` and the runs' end states.
 
     - ``adherence``: mean compliance (ok turns / turns), 0 to 1.
     - ``self_awareness``: 1 for full, 0.5 for partial, 0 for none, averaged over parsed
@@ -163,7 +168,7 @@ def persona_stats(summary_row: Mapping[str, Any], end_states: Sequence[str]) -> 
 
 @dataclass(frozen=True)
 class ReplyFailure:
-    """Why a synthesis or persona reply was rejected (``no_json``, ``invalid_value``, ...)."""
+    """The reason code (``no_json``, ``invalid_value``, ...) and detail of a rejected reply."""
 
     reason: str
     detail: str
@@ -181,10 +186,15 @@ class Evidence:
 
 
 def _json_objects(text: str) -> list[Any]:
-    """Every JSON object in ``text``, first as it is, then after removing trailing commas."""
+    """Find every JSON object in ``text`` as it is, then those found after removing trailing commas.
+
+    Both passes always run, because an outer object broken by a trailing comma still
+    contains inner objects that parse on their own.
+    """
     decoder = json.JSONDecoder()
     found: list[Any] = []
-    for candidate in (text, remove_trailing_commas(text)):
+    repaired = remove_trailing_commas(text)
+    for candidate in (text, repaired) if repaired != text else (text,):
         position = candidate.find("{")
         while position != -1:
             try:
@@ -194,8 +204,6 @@ def _json_objects(text: str) -> list[Any]:
                 continue
             found.append(value)
             position = candidate.find("{", end)
-        if found:
-            break
     return found
 
 
@@ -258,8 +266,8 @@ def validate_persona(data: Any, evidence: Evidence) -> tuple[str, list[dict[str,
     """Check a parsed persona object; return description, kept evidence and citations dropped.
 
     Expects ``{"description": str, "evidence": [{"claim", "run_id", "turn", "quote"}]}``
-    with 1 to 10 evidence items. An item whose run is not a run of the model, or whose
-    turn is not one of that run's assistant turns, is dropped and counted; at least one
+    with 1 to 10 evidence items. An item is dropped and counted when its run is not a
+    run of the model or its turn is not one of that run's assistant turns. At least one
     item must remain. Each kept item gets ``quote_found``: whether its quote occurs in
     that turn's text (ignoring case and spacing).
     """
@@ -295,21 +303,21 @@ def validate_persona(data: Any, evidence: Evidence) -> tuple[str, list[dict[str,
 def parse_reply(text: str | None, validate: Callable[[Any], Any]) -> Any:
     """Find the first JSON object in ``text`` that ``validate`` accepts.
 
-    Returns the validator's result, or the ``ReplyFailure`` of the candidate that came
-    closest (the last one tried) when none passes.
+    Returns the validator's result or, when no candidate passes, the ``ReplyFailure``
+    of the largest candidate, which is most likely the object the model meant.
     """
     if text is None or not text.strip():
         return ReplyFailure("empty", "the reply is empty")
     candidates = _json_objects(text.strip().lstrip("\ufeff"))
     if not candidates:
         return ReplyFailure("no_json", "the reply contains no JSON object")
-    failure: ReplyFailure | None = None
+    failures: list[tuple[int, ReplyFailure]] = []
     for candidate in candidates:
         result = validate(candidate)
         if not isinstance(result, ReplyFailure):
             return result
-        failure = result
-    return failure
+        failures.append((len(json.dumps(candidate, default=str)), result))
+    return max(failures, key=lambda pair: pair[0])[1]
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +337,7 @@ def _excerpt(text: str | None, limit: int) -> str:
 
 @dataclass
 class ModelMaterial:
-    """What the judge reads about one model: its runs, their turns and verdict summaries."""
+    """The material the judge reads about one model: its runs, their turns and verdict summaries."""
 
     model: str
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -432,10 +440,15 @@ def repair_messages(messages: Sequence[Mapping[str, str]], reply: str | None, fa
 
 @dataclass
 class Outcome:
-    """A validated result (or a failure) with the replies and cost behind it."""
+    """A validated result (or a failure) with the replies and cost behind it.
+
+    ``repair_reply`` is the reply to the repair request ("" when it was empty), or None
+    when the first reply validated and no repair request was sent.
+    """
 
     result: Any
     raw_reply: str | None
+    repair_reply: str | None
     cost_usd: float | None
 
     @property
@@ -463,17 +476,17 @@ async def ask(provider: ChatProvider, judge_model: str, messages: list[dict[str,
 
     first = await send(messages)
     result = parse_reply(first.content, validate)
-    raw = first.content
+    repair: str | None = None
     if isinstance(result, ReplyFailure):
         log.info("%s reply failed validation (%s: %s); sending a repair request", judge_model, result.reason, result.detail)
         second = await send(repair_messages(messages, first.content, result))
         result = parse_reply(second.content, validate)
-        raw = (first.content or "") + REPAIR_SEPARATOR + (second.content or "")
+        repair = second.content or ""
         if isinstance(result, ReplyFailure):
             log.warning("%s reply failed validation after repair (%s: %s)", judge_model, result.reason, result.detail)
 
     costs = [reply.cost_usd for reply in replies if reply.cost_usd is not None]
-    return Outcome(result, raw, sum(costs) if costs else None)
+    return Outcome(result, first.content, repair, sum(costs) if costs else None)
 
 
 # ---------------------------------------------------------------------------
@@ -511,7 +524,7 @@ def _latest(session: Any, table: Any, batch_id: int, model: str, judge_model: st
 
 
 def stored_syntheses(store: Store, batch_id: int, *, judge_model: str | None = None) -> dict[str, dict[str, Any]]:
-    """The newest stored synthesis per model, as dicts."""
+    """Return the newest stored synthesis per model, as dicts."""
     def read(session):  # type: ignore[no-untyped-def]
         models = session.scalars(select(Synthesis.model).where(Synthesis.batch_id == batch_id).distinct()).all()
         rows = {model: _latest(session, Synthesis, batch_id, model, judge_model) for model in models}
@@ -521,7 +534,7 @@ def stored_syntheses(store: Store, batch_id: int, *, judge_model: str | None = N
 
 
 def stored_personas(store: Store, batch_id: int, *, judge_model: str | None = None) -> dict[str, dict[str, Any]]:
-    """The newest stored persona per model, as dicts."""
+    """Return the newest stored persona per model, as dicts."""
     def read(session):  # type: ignore[no-untyped-def]
         models = session.scalars(select(Persona.model).where(Persona.batch_id == batch_id).distinct()).all()
         rows = {model: _latest(session, Persona, batch_id, model, judge_model) for model in models}
@@ -531,7 +544,20 @@ def stored_personas(store: Store, batch_id: int, *, judge_model: str | None = No
 
 
 def _synthesis_dict(row: Synthesis) -> dict[str, Any]:
-    return {"id": row.id, "batch_id": row.batch_id, "model": row.model, "judge_model": row.judge_model, "status": row.status, "themes": row.themes or [], "raw_reply": row.raw_reply, "cost_usd": row.cost_usd, "created_at": row.created_at}
+    return {
+        "id": row.id,
+        "batch_id": row.batch_id,
+        "model": row.model,
+        "judge_model": row.judge_model,
+        "status": row.status,
+        "failure_reason": row.failure_reason,
+        "failure_detail": row.failure_detail,
+        "themes": row.themes or [],
+        "raw_reply": row.raw_reply,
+        "repair_reply": row.repair_reply,
+        "cost_usd": row.cost_usd,
+        "created_at": row.created_at,
+    }
 
 
 def _persona_dict(row: Persona) -> dict[str, Any]:
@@ -541,11 +567,16 @@ def _persona_dict(row: Persona) -> dict[str, Any]:
         "model": row.model,
         "judge_model": row.judge_model,
         "archetype": row.archetype,
+        "status": row.status,
+        "failure_reason": row.failure_reason,
+        "failure_detail": row.failure_detail,
         "stats": dict(row.stats or {}),
         "themes": row.themes or [],
         "description": row.description,
         "evidence": row.evidence or [],
+        "dropped_citations": row.dropped_citations,
         "raw_reply": row.raw_reply,
+        "repair_reply": row.repair_reply,
         "cost_usd": row.cost_usd,
         "created_at": row.created_at,
     }
@@ -591,18 +622,43 @@ async def ensure_syntheses_async(store: Store, batch_id: int | str | None = None
         for model in missing:
             material = materials[model]
             evidence = material.evidence()
-            outcome = await ask(provider, judge, synthesis_messages(material), lambda data, e=evidence: validate_synthesis(data, e), sampling)
-            await asyncio.to_thread(store.write, lambda session, m=model, o=outcome: _add_synthesis(session, batch_id, m, judge, o))
+            outcome = await ask(provider, judge, synthesis_messages(material), partial(_validate_synthesis_with, evidence), sampling)
+            await asyncio.to_thread(store.write, partial(_add_synthesis, batch_id=batch_id, model=model, judge=judge, outcome=outcome))
 
     await _with_judge(store, batch_id, judge_model, work)
     return await asyncio.to_thread(stored_syntheses, store, batch_id, judge_model=judge_model)
 
 
-def _add_synthesis(session: Any, batch_id: int, model: str, judge: str, outcome: Outcome) -> None:
-    themes = None
+def _validate_synthesis_with(evidence: Evidence, data: Any) -> Any:
+    return validate_synthesis(data, evidence)
+
+
+def _validate_persona_with(evidence: Evidence, data: Any) -> Any:
+    return validate_persona(data, evidence)
+
+
+def _add_synthesis(session: Any, *, batch_id: int, model: str, judge: str, outcome: Outcome) -> None:
+    themes = failure = None
     if outcome.ok:
+        # Each theme lists its dropped run ids, so the total is not stored separately.
         themes, _dropped = outcome.result
-    session.add(Synthesis(batch_id=batch_id, model=model, judge_model=judge, status="ok" if outcome.ok else "parse_failed", themes=themes, raw_reply=outcome.raw_reply, cost_usd=outcome.cost_usd, created_at=utcnow()))
+    else:
+        failure = outcome.result
+    session.add(
+        Synthesis(
+            batch_id=batch_id,
+            model=model,
+            judge_model=judge,
+            status="ok" if outcome.ok else "parse_failed",
+            themes=themes,
+            raw_reply=outcome.raw_reply,
+            repair_reply=outcome.repair_reply,
+            failure_reason=failure.reason if failure is not None else None,
+            failure_detail=failure.detail if failure is not None else None,
+            cost_usd=outcome.cost_usd,
+            created_at=utcnow(),
+        )
+    )
 
 
 async def ensure_personas_async(store: Store, batch_id: int | str | None = None, *, judge_model: str | None = None, regenerate: bool = False) -> dict[str, dict[str, Any]]:
@@ -631,8 +687,8 @@ async def ensure_personas_async(store: Store, batch_id: int | str | None = None,
             synthesis = syntheses.get(model)
             themes = synthesis["themes"] if synthesis and synthesis["status"] == "ok" else []
             messages = persona_messages(material, archetype, rule, stats, themes)
-            outcome = await ask(provider, judge, messages, lambda data, e=evidence: validate_persona(data, e), sampling)
-            await asyncio.to_thread(store.write, lambda session, m=model, o=outcome, t=themes: _add_persona(session, batch_id, m, judge, cards[m], t, o))
+            outcome = await ask(provider, judge, messages, partial(_validate_persona_with, evidence), sampling)
+            await asyncio.to_thread(store.write, partial(_add_persona, batch_id=batch_id, model=model, judge=judge, facts=cards[model], themes=themes, outcome=outcome))
 
     await _with_judge(store, batch_id, judge_model, work)
     return await asyncio.to_thread(stored_personas, store, batch_id, judge_model=judge_model)
@@ -651,25 +707,30 @@ def persona_facts(store: Store, batch_id: int) -> dict[str, dict[str, Any]]:
     return facts
 
 
-def _add_persona(session: Any, batch_id: int, model: str, judge: str, facts: Mapping[str, Any], themes: list[dict[str, Any]], outcome: Outcome) -> None:
-    stats = {**facts["stats"], "archetype_rule": facts["archetype_rule"], "status": "ok" if outcome.ok else "parse_failed"}
-    description = evidence = None
+def _add_persona(session: Any, *, batch_id: int, model: str, judge: str, facts: Mapping[str, Any], themes: list[dict[str, Any]], outcome: Outcome) -> None:
+    stats = {**facts["stats"], "archetype_rule": facts["archetype_rule"]}
+    description = evidence = failure = None
+    dropped = 0
     if outcome.ok:
         description, evidence, dropped = outcome.result
-        stats["dropped_citations"] = dropped
     else:
-        stats["failure"] = f"{outcome.result.reason}: {outcome.result.detail}"
+        failure = outcome.result
     session.add(
         Persona(
             batch_id=batch_id,
             model=model,
             judge_model=judge,
             archetype=facts["archetype"],
+            status="ok" if outcome.ok else "parse_failed",
             stats=_json_safe(stats),
             themes=themes,
             description=description,
             evidence=evidence,
+            dropped_citations=dropped,
             raw_reply=outcome.raw_reply,
+            repair_reply=outcome.repair_reply,
+            failure_reason=failure.reason if failure is not None else None,
+            failure_detail=failure.detail if failure is not None else None,
             cost_usd=outcome.cost_usd,
             created_at=utcnow(),
         )

@@ -38,8 +38,8 @@ MODELS = ["demo/steady", "demo/wanderer"]
 TARGET = "demo/steady"
 
 # fault kind -> (outcome in the model phase, outcome in the judge phase).
-# In the model phase the fault hits the second request of demo/steady (its turn 2); in
-# the judge phase it hits the first judge request.
+# In the model phase the fault hits the second request of demo/steady, which is its turn 2.
+# In the judge phase it hits the first judge request.
 FAULT_TABLE: dict[str, tuple[str | None, str]] = {
     "429": ("retried", "retried"),
     "429-date": ("retried", "retried"),
@@ -63,7 +63,7 @@ FAULT_TABLE: dict[str, tuple[str | None, str]] = {
 
 CASES = [(fault, phase, outcomes[index]) for fault, outcomes in FAULT_TABLE.items() for index, phase in enumerate(("model", "judge")) if outcomes[index] is not None]
 
-# The timeout case: the server holds the reply longer than the client waits.
+# The timeout case: the server delays the reply longer than the client waits.
 CLIENT_TIMEOUT_S = 0.3
 SLOW_REPLY_S = 1.5
 
@@ -109,10 +109,9 @@ def _run(store: Store, batch_id: int, model: str) -> Run:
 @pytest.mark.parametrize(("fault", "phase", "expected"), CASES, ids=[f"{fault}-{phase}" for fault, phase, _ in CASES])
 def test_fault_table(fault, phase, expected, tmp_path, reference, requests_seen):
     store = _store(tmp_path)
-    endpoint = fast_endpoint("", timeout_s=CLIENT_TIMEOUT_S if fault == "slow" else 10.0)
 
     with DemoServer(faults=[_rule(fault, phase)]) as server:
-        endpoint["base_url"] = server.base_url
+        endpoint = fast_endpoint(server.base_url, timeout_s=CLIENT_TIMEOUT_S if fault == "slow" else 10.0)
         config = demo_config(server.base_url, models=MODELS, turns=TURNS, endpoint=endpoint)
         created: list[int] = []
         error: Exception | None = None
@@ -128,7 +127,8 @@ def test_fault_table(fault, phase, expected, tmp_path, reference, requests_seen)
         # whatever happened, resume finishes the batch exactly
         finished = resume_batch(batch_id, store=store, progress=False)
     assert finished.status == "completed", finished.message
-    assert_batch_exact(store, batch_id, turns=TURNS) if expected != "context_exhausted" else None
+    if expected != "context_exhausted":
+        assert_batch_exact(store, batch_id, turns=TURNS)
 
 
 def _check_retried(*, store, batch_id, outcome, stats, reference, fault, **_: Any) -> None:  # type: ignore[no-untyped-def]
@@ -180,7 +180,7 @@ def _check_truncation_retried(*, store, batch_id, outcome, requests, **_: Any) -
     assert judgement.attempts == 2
     assert judgement.retry_reply
 
-    # the retry asks for twice the token budget
+    # the retry requests twice the token budget
     budgets = [body["max_tokens"] for body in requests.for_model(JUDGE)]
     configured = demo_config("http://127.0.0.1:1").judge_max_tokens
     assert budgets[:2] == [configured, 2 * configured]
@@ -353,8 +353,8 @@ def test_budget_stops_sending_and_resume_finishes(concurrency, tmp_path):
         assert _batch(store, outcome.batch_id).status == "budget_exhausted"
         costs = _costs_in_order(store, outcome.batch_id)
         assert sum(costs) >= budget
-        # every request was sent while the spend was below the budget; requests already
-        # in flight when it was reached may finish, at most one per other worker
+        # Every request was sent while the spend was below the budget. Requests already in
+        # flight when it was reached may finish, at most one per other worker.
         assert sent == len(costs)
         running = 0.0
         crossed_at = None

@@ -1,0 +1,129 @@
+"""Judging stored runs again, with any judge model, without generating them again.
+
+Each new verdict is stored as a new row in the next round for that judge and run, so
+earlier verdicts stay beside it and agreement between judges (or between rounds of one
+judge) can be measured. The judge's sampling settings come from the batch's stored
+config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import select
+
+from hermitkit import batches
+from hermitkit.errors import (
+    AuthenticationError,
+    ContextLengthError,
+    InsufficientCreditsError,
+    ProviderError,
+)
+from hermitkit.judge import JudgeOutcome, ParseFailure, judge_transcript
+from hermitkit.store import FINAL_RUN_STATUSES, Judgement, Run, Store
+
+log = logging.getLogger("hermitkit.rejudge")
+
+
+@dataclass
+class RejudgeOutcome:
+    """The counts, errors and cost of one re-judging pass."""
+
+    batch_id: int
+    judge_model: str
+    judged: int = 0
+    parse_failures: int = 0
+    errors: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    cost_usd: float = 0.0
+
+
+def _finished_runs(session: Any, batch_id: int, judge_model: str, only_missing: bool) -> tuple[list[int], list[int]]:
+    rows = session.execute(select(Run.id, Run.status, Run.turn_count).where(Run.batch_id == batch_id).order_by(Run.id)).all()
+    ready = [run_id for run_id, status, turns in rows if status in FINAL_RUN_STATUSES and turns > 0]
+    skipped = [run_id for run_id, status, turns in rows if run_id not in ready]
+    if only_missing:
+        judged = set(session.scalars(select(Judgement.run_id).where(Judgement.run_id.in_(ready), Judgement.judge_model == judge_model)).all())
+        ready = [run_id for run_id in ready if run_id not in judged]
+    return ready, skipped
+
+
+async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, only_missing: bool = False, concurrency: int | None = None) -> RejudgeOutcome:
+    """Judge every finished run of a batch with ``judge_model`` and store the verdicts.
+
+    With ``only_missing=True`` only runs without any verdict from ``judge_model`` are
+    judged, e.g. to finish a pass that stopped. Runs that are not finished (or have no
+    turns) are skipped and listed in ``skipped``. A provider
+    error on one run is logged and recorded in ``errors``; authentication and credit
+    errors stop the pass and propagate.
+    """
+    from hermitkit.providers import ProviderSet
+    from hermitkit.runner import load_batch
+
+    config, protocol, _batch = await asyncio.to_thread(load_batch, store, batch_id)
+    ready, skipped = await asyncio.to_thread(store.read, partial(_finished_runs, batch_id=batch_id, judge_model=judge_model, only_missing=only_missing))
+    outcome = RejudgeOutcome(batch_id, judge_model, skipped=skipped)
+    if not ready:
+        return outcome
+
+    providers = ProviderSet(config.endpoint, models=[judge_model])
+    await providers.open()
+    try:
+        providers.require_key()
+        catalogue = await providers.catalogue()
+        info = catalogue.get(judge_model)
+        provider = providers.for_model(judge_model)
+        slots = asyncio.Semaphore(concurrency or config.concurrency)
+
+        async def judge_one(run_id: int) -> None:
+            transcript, counts = await asyncio.to_thread(store.read, partial(batches.judge_transcript_rows, run_id=run_id))
+            async with slots:
+                try:
+                    result = await judge_transcript(
+                        provider,
+                        judge_model,
+                        transcript,
+                        counts,
+                        protocol_prompt=protocol.initial_prompt,
+                        temperature=config.judge_temperature,
+                        seed=config.judge_seed,
+                        max_tokens=config.judge_max_tokens,
+                        supports_structured_output=bool(info and info.supports_structured_output),
+                    )
+                except ContextLengthError as exc:
+                    result = JudgeOutcome("context_exhausted", None, None, None, ParseFailure("context_length", str(exc)), 1, False, None, None, None, config.judge_sampling())
+            await asyncio.to_thread(store.write, partial(_store_verdict, run_id=run_id, judge_model=judge_model, outcome=result))
+            outcome.judged += 1
+            outcome.parse_failures += result.status != "ok"
+            outcome.cost_usd += result.cost_usd or 0.0
+
+        async def guarded(run_id: int) -> None:
+            try:
+                await judge_one(run_id)
+            except (AuthenticationError, InsufficientCreditsError):
+                raise
+            except ProviderError as exc:
+                log.error("Judge %s failed on run %d: %s", judge_model, run_id, exc)
+                outcome.errors[run_id] = str(exc)
+
+        await asyncio.gather(*(guarded(run_id) for run_id in ready))
+    finally:
+        await providers.close()
+    return outcome
+
+
+def _store_verdict(session: Any, *, run_id: int, judge_model: str, outcome: JudgeOutcome) -> None:
+    # The round is read and written in one transaction, so two passes never share one.
+    round_ = batches.next_judge_round(session, run_id, judge_model)
+    batches.add_judgement(session, run_id=run_id, judge_model=judge_model, round_=round_, outcome=outcome)
+
+
+def rejudge_batch(store: Store, batch_id: int, judge_model: str, **kwargs: Any) -> RejudgeOutcome:
+    """Synchronous ``rejudge_batch_async``; works in scripts, Jupyter and papermill."""
+    from hermitkit.runner import run_sync
+
+    return run_sync(rejudge_batch_async(store, batch_id, judge_model, **kwargs))
