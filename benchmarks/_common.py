@@ -191,7 +191,7 @@ def fresh_database(kind: str, args: argparse.Namespace, *, keep: bool = False) -
 
 
 def machine_info(postgres_url: str | None = None) -> dict[str, Any]:
-    """CPU model, cores, RAM and software versions of this machine."""
+    """Return the CPU model, cores, RAM and software versions of this machine."""
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Float, case, cast, func, select
 
+from hermitkit.errors import ConfigError
 from hermitkit.judge import (
     EXPLORATION_STYLE_VALUES,
     MIRROR_TEST_VALUES,
@@ -57,7 +58,7 @@ _STREAM_ROWS = 5000
 def _latest_batch_id(store: Store) -> int:
     batch_id = store.read(lambda session: session.scalar(select(func.max(Batch.id))))
     if batch_id is None:
-        raise LookupError(f"No batch is stored in {store}. Run `hermitkit run params/demo.yaml` first.")
+        raise ConfigError(f"No batch is stored in {store}. Run `hermitkit run params/demo.yaml` first.")
     return int(batch_id)
 
 
@@ -68,7 +69,7 @@ def resolve_batch_id(store: Store, batch_id: int | str | None) -> int:
     try:
         return int(batch_id)
     except (TypeError, ValueError):
-        raise ValueError(f"Invalid batch id {batch_id!r}: give a number or 'latest'.") from None
+        raise ConfigError(f"Invalid batch id {batch_id!r}: give a number or 'latest'.") from None
 
 
 def resolve_batch_ids(store: Store, batch_ids: BatchIds) -> list[int]:
@@ -599,9 +600,12 @@ def self_talk_turns(store: Store, batch_id: int | str | None = None) -> pd.DataF
     return keys[["run_id", "model", "repetition"]].merge(pd.DataFrame(rows, columns=columns), on="run_id", how="inner")
 
 
-def end_state_counts(store: Store, batch_id: int | str | None = None) -> pd.DataFrame:
-    """Count runs per model (rows) and end state (columns), in the order of ``END_STATES``."""
-    frame = self_talk(store, batch_id)
+def end_state_counts(store: Store, batch_id: int | str | None = None, *, talk: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Count runs per model (rows) and end state (columns), in the order of ``END_STATES``.
+
+    ``talk`` is the batch's ``self_talk`` frame when the caller already has it.
+    """
+    frame = self_talk(store, batch_id) if talk is None else talk
     if frame.empty:
         return pd.DataFrame(columns=list(END_STATES))
     table = pd.crosstab(frame["model"], frame["end_state"])

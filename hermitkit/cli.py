@@ -51,11 +51,37 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+class BatchIdType(click.ParamType):
+    """A batch id: a positive number or ``latest`` (the newest batch in the store)."""
+
+    name = "BATCH_ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "latest":
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a batch id: give a number or 'latest'.", param, ctx)
+        if number < 1:
+            self.fail(f"{value!r} is not a batch id: batch ids start at 1.", param, ctx)
+        return number
+
+
+BATCH_ID = BatchIdType()
+
+
+def _resolve(store: Any, batch_id: int | str) -> int:
+    from hermitkit.analysis import resolve_batch_id
+
+    return resolve_batch_id(store, batch_id)
+
+
 database_option = click.option(
     "--database-url",
     envvar="HERMITKIT_DATABASE_URL",
     default=None,
-    help="SQLAlchemy URL of the store (default: DATABASE_URL, then a SQLite file in the user data folder).",
+    help="SQLAlchemy URL of the store (default: HERMITKIT_DATABASE_URL, then DATABASE_URL, then hermitkit.db in HERMITKIT_HOME or the user data folder).",
 )
 
 
@@ -175,12 +201,12 @@ def _print_summary(store: Any, batch_id: int) -> None:
     if frame.empty:
         click.echo("No runs stored.")
         return
-    shown = frame[["runs", "compliance_pct", "failures_per_run", "malformed_per_run", "mirror_pass_rate", "autonomy_mean", "sophistication_mean", "verdicts", "judge_parse_failures", "tokens", "cost_usd"]].copy()
+    shown = frame[["runs", "completed", "compliance_pct", "failures_per_run", "malformed_per_run", "mirror_pass_rate", "autonomy_mean", "sophistication_mean", "verdicts", "judge_parse_failures", "tokens", "cost_usd"]].copy()
     # PostgreSQL returns averages as Decimal; the table is for reading, so floats suffice.
     shown = shown.astype(float)
-    shown.columns = ["runs", "compliance %", "failures/run", "malformed/run", "mirror pass", "autonomy", "sophistication", "verdicts", "parse fails", "tokens", "cost $"]
+    shown.columns = ["runs", "completed", "compliance %", "failures/run", "malformed/run", "mirror pass", "autonomy", "sophistication", "verdicts", "parse fails", "tokens", "cost $"]
     formats = {column: "{:.2f}".format for column in shown.columns}
-    formats.update({"runs": "{:.0f}".format, "verdicts": "{:.0f}".format, "parse fails": "{:.0f}".format, "tokens": "{:.0f}".format, "cost $": "{:.4f}".format})
+    formats.update({"runs": "{:.0f}".format, "completed": "{:.0f}".format, "verdicts": "{:.0f}".format, "parse fails": "{:.0f}".format, "tokens": "{:.0f}".format, "cost $": "{:.4f}".format})
     click.echo("\nPer-model summary (judge means exclude verdicts that failed to parse):")
     with _pandas_display():
         click.echo(shown.to_string(formatters=formats, na_rep="-"))
@@ -193,25 +219,25 @@ def _pandas_display() -> Any:
 
 
 @cli.command()
-@click.argument("batch_id", type=int)
+@click.argument("batch_id", type=BATCH_ID)
 @click.option("--budget-usd", type=float, default=None, help="New cost budget for the batch in US dollars (e.g. to finish a batch that spent its budget).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @database_option
-def resume(batch_id: int, budget_usd: float | None, no_progress: bool, database_url: str | None) -> None:
+def resume(batch_id: int | str, budget_usd: float | None, no_progress: bool, database_url: str | None) -> None:
     """Continue an interrupted batch: only missing turns and verdicts are sent."""
     from hermitkit.runner import resume_batch
 
     if budget_usd is not None and budget_usd <= 0:
         raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
     store = _store(database_url)
-    outcome = resume_batch(batch_id, store=store, budget_usd=budget_usd, progress=not no_progress)
+    outcome = resume_batch(_resolve(store, batch_id), store=store, budget_usd=budget_usd, progress=not no_progress)
     _print_outcome(store, outcome)
 
 
 @cli.command()
-@click.argument("batch_id", type=int, required=False)
+@click.argument("batch_id", type=BATCH_ID, required=False)
 @database_option
-def status(batch_id: int | None, database_url: str | None) -> None:
+def status(batch_id: int | str | None, database_url: str | None) -> None:
     """List stored batches, or show one batch's runs by status."""
     from hermitkit.status import batch_status, list_batches
 
@@ -227,6 +253,7 @@ def status(batch_id: int | None, database_url: str | None) -> None:
             click.echo(f"{row['id']:>5}  {row['status']:<17} {row['created_at']:%Y-%m-%d %H:%M:%S}  {row['runs']:>5}  {printable(row['name'])}{demo} {', '.join(row['models'])}")
         return
 
+    batch_id = _resolve(store, batch_id)
     info = batch_status(store, batch_id)
     click.echo(f"Batch {batch_id}: {info['status']}{' [demo]' if info['is_demo'] else ''}")
     click.echo(f"  name: {printable(info['name'])}   protocol: {info['protocol_id']} ({info['protocol_hash'][:12]})   endpoint: {info['endpoint']}")
@@ -236,6 +263,9 @@ def status(batch_id: int | None, database_url: str | None) -> None:
     click.echo(f"  spent: ${info['spent_usd']:.4f}" + (f" of a ${info['budget_usd']:.4f} budget" if info["budget_usd"] else ""))
     if info["error"]:
         click.echo(f"  note: {info['error']}")
+    if info["status"] in ("running", "pending", "interrupted"):
+        # A killed process cannot update the status, so "running" may be stale.
+        click.echo(f"  If no process is running this batch any more (for example it was killed), `hermitkit resume {batch_id}` continues it.")
 
 
 @cli.command()
@@ -262,24 +292,25 @@ def show(run_id: int, reasoning: bool, database_url: str | None) -> None:
 
 
 @cli.command()
-@click.argument("batch_id", type=int)
+@click.argument("batch_id", type=BATCH_ID)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True, help="File format of the exported tables.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("exports"), show_default=True, help="Folder to write into.")
 @database_option
-def export(batch_id: int, fmt: str, out_dir: Path, database_url: str | None) -> None:
+def export(batch_id: int | str, fmt: str, out_dir: Path, database_url: str | None) -> None:
     """Write a batch's runs, turns and judgements as CSV or JSON files."""
     from hermitkit.export import export_batch
 
-    store = _store(database_url)
     from hermitkit.status import batch_status
 
+    store = _store(database_url)
+    batch_id = _resolve(store, batch_id)
     batch_status(store, batch_id)
     for path in export_batch(store, batch_id, out_dir, fmt):
         click.echo(f"wrote {path}")
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_id", type=BATCH_ID)
 @click.option("--format", "formats", multiple=True, type=click.Choice(["csv", "scorecard", "personas", "html", "all"]), default=("all",), show_default=True, help="Report to write; repeat the option for several.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder to write into (default: reports/BATCH_ID).")
 @click.option("--judge", "judge_model", default=None, help="Judge model that writes missing syntheses and persona text (default: the batch's first judge).")
@@ -308,7 +339,7 @@ def report(batch_id: str, formats: tuple[str, ...], out_dir: Path | None, judge_
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_id", type=BATCH_ID)
 @click.option("--judge", "judge_model", required=True, help="Judge model id (e.g. openai/gpt-4o-mini) whose verdicts are stored beside the existing ones.")
 @click.option("--only-missing", is_flag=True, help="Judge only runs that have no verdict from this judge yet.")
 @database_option

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -120,7 +121,7 @@ _CONTEXT_LENGTH_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
-MODEL_LIST_LABEL = "(model list)"
+MODEL_LIST_LABEL = "the model list"
 
 
 def is_openrouter_url(base_url: str) -> bool:
@@ -383,6 +384,22 @@ def _model_list_problem(body: Any) -> str | None:
     return None
 
 
+def _is_unknown_host(exc: BaseException) -> bool:
+    """Whether a transport error comes from a host name that does not exist.
+
+    EAI_NONAME ("Name or service not known") is final; EAI_AGAIN ("Temporary failure in
+    name resolution") is not, so it stays retryable like other network errors.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return current.errno == socket.EAI_NONAME
+        current = current.__cause__ or current.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class _Failure:
     """One failed attempt that may be retried."""
@@ -516,7 +533,7 @@ class OpenAICompatibleClient:
         )
 
         body, latency_s = await self._request_with_retries(
-            "POST", "/chat/completions", label=model, payload=payload, check=_chat_body_problem
+            "POST", "/chat/completions", label=f"model {model}", payload=payload, check=_chat_body_problem
         )
         return parse_chat_reply(body, latency_s=latency_s)
 
@@ -593,7 +610,7 @@ class OpenAICompatibleClient:
         for attempt in range(attempts):
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
-                    "Sending %s %s%s for model %s, attempt %d of %d, headers %s",
+                    "Sending %s %s%s for %s, attempt %d of %d, headers %s",
                     method, self._display_url, path, label, attempt + 1, attempts,
                     masked_headers(self._http_client().headers),
                 )
@@ -605,6 +622,15 @@ class OpenAICompatibleClient:
                     f"timed out after {self._timeout_s:g} s ({type(exc).__name__})", None
                 )
             except httpx.TransportError as exc:
+                if _is_unknown_host(exc):
+                    # A name that does not resolve will not resolve on a retry either.
+                    raise ProviderError(
+                        f"Cannot reach {self._display_url}: the host name does not resolve "
+                        f"({self._clean(str(exc))}). Check the network connection, proxy "
+                        "settings and the endpoint's base_url.",
+                        status=None,
+                        retryable=False,
+                    ) from None
                 failure = _Failure(f"network error ({type(exc).__name__}: {self._clean(str(exc))})", None)
             else:
                 latency_s = time.perf_counter() - started
@@ -618,7 +644,7 @@ class OpenAICompatibleClient:
 
             wait_s = self._wait_before_retry(attempt, failure)
             logger.warning(
-                "Retrying request for model %s: %s (status %s), attempt %d of %d failed, "
+                "Retrying request for %s: %s (status %s), attempt %d of %d failed, "
                 "waiting %.2f s",
                 label,
                 failure.reason,
@@ -629,11 +655,14 @@ class OpenAICompatibleClient:
             )
             await asyncio.sleep(wait_s)
 
+        status_text = "" if failure.status is None else f" (HTTP status {failure.status})"
+        if failure.status is None:
+            advice = "Check the network connection and that the endpoint is up, then try again."
+        else:
+            advice = "The endpoint may be overloaded or down: try again later, raise max_retries, or lower the concurrency."
         raise ProviderError(
-            f"Request for model {label} to {self._display_url}{path} failed after "
-            f"{attempts} attempts (HTTP status {failure.status}): {failure.reason}. "
-            "The endpoint may be overloaded or down: try again later, raise max_retries, "
-            "or lower the concurrency.",
+            f"Request for {label} to {self._display_url}{path} failed after "
+            f"{attempts} attempts{status_text}: {failure.reason}. {advice}",
             status=failure.status,
             retryable=True,
         )
@@ -685,8 +714,8 @@ class OpenAICompatibleClient:
 
     def _final_error(self, status: int, text: str, *, label: str, path: str) -> ProviderError:
         """Build the non-retryable error for an HTTP status."""
-        quoted = text[:ERROR_TEXT_MAX_CHARS]
-        where = f"Request for model {label} to {self._display_url}{path} failed with HTTP {status}"
+        quoted = text[:ERROR_TEXT_MAX_CHARS].rstrip(". ")
+        where = f"Request for {label} to {self._display_url}{path} failed with HTTP {status}"
 
         if status == 401:
             if self._is_openrouter:
@@ -721,7 +750,7 @@ class OpenAICompatibleClient:
                 fix = "Check the base URL: it usually ends in /v1 (OpenRouter: /api/v1)."
             else:
                 fix = (
-                    f"Check the model id {label!r}: run `hermitkit models --search` to list "
+                    f"Check the model id {label.removeprefix('model ')!r}: run `hermitkit models --search` to list "
                     "the ids this endpoint serves, and check that the base URL ends in /v1."
                 )
             return BadRequestError(f"{where}: {quoted}. {fix}", status=status)

@@ -250,5 +250,11 @@ def load_params(path: str | Path, overrides: list[str] | None = None) -> BatchCo
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"Params file {file} must contain a mapping of keys to values, got {type(data).__name__}.")
+    protocol = data.get("protocol")
+    if isinstance(protocol, str) and protocol.endswith((".yaml", ".yml")) and not Path(protocol).expanduser().is_absolute():
+        # A protocol file named in a params file sits next to it, wherever the command runs.
+        data["protocol"] = str((file.parent / protocol).resolve())
+
     data = apply_overrides(data, overrides or [])
-    return build_config(data, source=str(file))
+    source = f"{file} with --set {' '.join(overrides)}" if overrides else str(file)
+    return build_config(data, source=source)

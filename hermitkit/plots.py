@@ -122,10 +122,13 @@ def plot_mirror_outcomes(store: Store, batch_id: int | str | None = None, *, jud
     return figure
 
 
-def plot_end_states(store: Store, batch_id: int | str | None = None) -> Figure:
-    """Stacked bars of how runs end (``hermitkit.metrics.end_state``) per model."""
+def plot_end_states(store: Store, batch_id: int | str | None = None, *, talk: pd.DataFrame | None = None) -> Figure:
+    """Stacked bars of how runs end (``hermitkit.metrics.end_state``) per model.
+
+    ``talk`` is the batch's ``self_talk`` frame when the caller already has it.
+    """
     batch_id = resolve_batch_id(store, batch_id)
-    table = end_state_counts(store, batch_id)
+    table = end_state_counts(store, batch_id, talk=talk)
     figure = Figure(figsize=(8, 4.2), layout="constrained")
     if table.empty:
         return _empty(figure, "No runs stored.")

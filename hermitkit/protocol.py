@@ -248,13 +248,26 @@ def load_protocol(name_or_path: str | Path = DEFAULT_PROTOCOL_ID) -> Protocol:
     path = Path(name).expanduser()
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
-            raise ConfigError(f"Protocol file not found: {path}. Give an existing YAML file or a built-in id ({', '.join(builtin_protocol_ids())}).")
-        return protocol_from_yaml(path.read_text(encoding="utf-8"), source=str(path))
+            raise ConfigError(f"Protocol file not found: {path.absolute()}. Give an existing YAML file or a built-in id ({', '.join(builtin_protocol_ids())}).")
+        protocol = protocol_from_yaml(path.read_text(encoding="utf-8"), source=str(path))
+        _reject_builtin_id_reuse(protocol, source=str(path))
+        return protocol
 
     raise ConfigError(
         f"Unknown protocol {name!r}. Use a built-in id ({', '.join(builtin_protocol_ids())}) "
         "or the path of a protocol YAML file."
     )
+
+
+def _reject_builtin_id_reuse(protocol: Protocol, *, source: str) -> None:
+    """Keep a built-in id meaning one wording, so results under that id stay comparable."""
+    if protocol.id not in builtin_protocol_ids():
+        return
+    if protocol.hash != load_protocol(protocol.id).hash:
+        raise ConfigError(
+            f"{source}: id {protocol.id!r} belongs to a built-in protocol, but this file's texts or "
+            "policies differ from it. Give your variant its own id, such as 'my-variant-v1'."
+        )
 
 
 def protocol_from_yaml(text: str, *, source: str = "protocol YAML") -> Protocol:

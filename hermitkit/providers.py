@@ -9,12 +9,16 @@ provider set is open.
 from __future__ import annotations
 
 import difflib
+import logging
+import os
 from typing import Any
 
-from hermitkit.client import ChatProvider, ModelInfo, OpenAICompatibleClient
+from hermitkit.client import OPENROUTER_BASE_URL, ChatProvider, ModelInfo, OpenAICompatibleClient
 from hermitkit.config import EndpointConfig
 from hermitkit.errors import ConfigError
 from hermitkit.local import is_local_model
+
+log = logging.getLogger("hermitkit.providers")
 
 
 class ProviderSet:
@@ -32,6 +36,7 @@ class ProviderSet:
         self.client: OpenAICompatibleClient | None = None
         self.local: ChatProvider | None = None
         self.base_url = endpoint.base_url
+        self._serves_demo_models = False
 
     async def __aenter__(self) -> ProviderSet:
         await self.open()
@@ -48,6 +53,9 @@ class ProviderSet:
             self.base_url = self.demo_server.base_url
 
         if any(not is_local_model(model) for model in self.models):
+            key_env = self.endpoint.api_key_env
+            if key_env and not os.environ.get(key_env):
+                log.warning("api_key_env names %s, but that environment variable is not set: requests to %s go without a key.", key_env, self.base_url)
             self.client = OpenAICompatibleClient(
                 self.base_url,
                 api_key_env=self.endpoint.api_key_env,
@@ -74,7 +82,8 @@ class ProviderSet:
 
     @property
     def is_demo(self) -> bool:
-        return self.endpoint.is_demo
+        """Whether the batch uses scripted demo models, on ``endpoint: demo`` or a standalone demo server."""
+        return self.endpoint.is_demo or self._serves_demo_models
 
     def for_model(self, model: str) -> ChatProvider:
         if is_local_model(model):
@@ -102,9 +111,11 @@ class ProviderSet:
                 if model not in listed:
                     close = difflib.get_close_matches(model, list(listed), n=3, cutoff=0.5)
                     hint = f" Did you mean {', '.join(close)}?" if close else ""
+                    endpoint = self.endpoint.base_url
+                    option = "" if endpoint == OPENROUTER_BASE_URL else f" --endpoint {endpoint}"
                     raise ConfigError(
-                        f"Model {model!r} is not in the model list of {self.base_url}.{hint} "
-                        "Run `hermitkit models --search TEXT` to find the exact id."
+                        f"Model {model!r} is not in the model list of {endpoint}.{hint} "
+                        f"Run `hermitkit models{option} --search TEXT` to find the exact id."
                     )
                 found[model] = listed[model]
 
@@ -113,6 +124,7 @@ class ProviderSet:
                 if info.id in self.models:
                     found[info.id] = info
 
+        self._serves_demo_models = any(info.is_demo for info in found.values())
         missing = [model for model in self.models if model not in found]
         if missing:
             raise ConfigError(f"Model(s) not found: {', '.join(missing)}. Run `hermitkit models` to list the available ids.")

@@ -11,6 +11,7 @@ scripts through its Content-Security-Policy, and the Markdown scorecard writes
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure
 
 from hermitkit import analysis, plots
 from hermitkit.agreement import judge_agreement
+from hermitkit.errors import ConfigError
 from hermitkit.export import DEMO_NOTICE, write_csv
 from hermitkit.store import Batch, Report, Store, utcnow
 from hermitkit.synthesis import ensure_personas, stored_personas, stored_syntheses
@@ -34,7 +36,7 @@ FORMATS = ("csv", "scorecard", "personas", "html")
 # Summary columns shown in the scorecard and the HTML page, with their headings.
 SUMMARY_COLUMNS = {
     "runs": "runs",
-    "compliance_mean": "compliance",
+    "compliance_mean": "compliance (0-1)",
     "compliance_ci_low": "CI low",
     "compliance_ci_high": "CI high",
     "failures_per_run": "failures/run",
@@ -76,7 +78,7 @@ def _batch(store: Store, batch_id: int) -> dict[str, Any]:
     def read(session):  # type: ignore[no-untyped-def]
         batch = session.get(Batch, batch_id)
         if batch is None:
-            raise LookupError(f"Batch {batch_id} not found in {store}. Run `hermitkit status` to list batches.")
+            raise ConfigError(f"Batch {batch_id} not found in {store}. Run `hermitkit status` to list batches.")
         return {
             "id": batch.id,
             "name": batch.name,
@@ -165,13 +167,13 @@ def _md_quote(text: str | None) -> str:
     return "\n".join("> " + line if line.strip() else ">" for line in _md(text).splitlines())
 
 
-def scorecard_markdown(store: Store, batch_id: int | str | None = None) -> str:
+def scorecard_markdown(store: Store, batch_id: int | str | None = None, *, talk: pd.DataFrame | None = None) -> str:
     """Render a detailed Markdown scorecard: settings, summary, and every run with its metrics and verdicts."""
     batch_id = analysis.resolve_batch_id(store, batch_id)
     batch = _batch(store, batch_id)
     frame = analysis.summary(store, batch_id)
     runs = analysis.runs_frame(store, batch_id)
-    talk = analysis.self_talk(store, batch_id).set_index("run_id")
+    talk = (analysis.self_talk(store, batch_id) if talk is None else talk).set_index("run_id")
     verdicts = analysis.judgements_frame(store, batch_id)
 
     parts = [f"# Scorecard: batch {batch_id}"]
@@ -359,6 +361,7 @@ def persona_card_png(card: dict[str, Any], path: Path | str) -> Path:
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #212529; }
+.table-scroll { overflow-x: auto; }
 table { border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; }
 th, td { border: 1px solid #dee2e6; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f1f3f5; }
@@ -376,7 +379,8 @@ def _h(value: Any) -> str:
 def _html_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{_h(header)}</th>" for header in headers)
     body = "".join("<tr>" + "".join(f"<td>{_h(value)}</td>" for value in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide summaries scroll sideways instead of being cut off at the page edge.
+    return f'<div class="table-scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _html_figure(figure: Figure, alt: str) -> str:
@@ -384,7 +388,7 @@ def _html_figure(figure: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{encoded}">'
 
 
-def summary_html(store: Store, batch_id: int | str | None = None) -> str:
+def summary_html(store: Store, batch_id: int | str | None = None, *, talk: pd.DataFrame | None = None) -> str:
     """Render a standalone HTML page of a batch: settings, summary, plots, self-talk, agreement, personas.
 
     Every value is escaped with ``html.escape``, plots are embedded as base64 PNG data
@@ -394,7 +398,8 @@ def summary_html(store: Store, batch_id: int | str | None = None) -> str:
     batch_id = analysis.resolve_batch_id(store, batch_id)
     batch = _batch(store, batch_id)
     frame = analysis.summary(store, batch_id)
-    talk = analysis.self_talk(store, batch_id)
+    if talk is None:
+        talk = analysis.self_talk(store, batch_id)
 
     body = [f"<h1>hermitkit batch {_h(batch_id)}: {_h(batch['name'] or 'unnamed')}</h1>"]
     if batch["is_demo"]:
@@ -409,7 +414,7 @@ def summary_html(store: Store, batch_id: int | str | None = None) -> str:
             (plots.plot_model_bars(frame), "Per-model bars with confidence intervals"),
             (plots.plot_compliance_over_turns(store, batch_id), "Compliance over turns"),
             (plots.plot_mirror_outcomes(store, batch_id), "Mirror-test outcomes"),
-            (plots.plot_end_states(store, batch_id), "End states"),
+            (plots.plot_end_states(store, batch_id, talk=talk), "End states"),
             (plots.plot_cost_vs_autonomy(frame), "Cost against autonomy"),
         )
         body.append("<h2>Plots</h2>" + "".join(_html_figure(figure, alt) for figure, alt in figures))
@@ -485,13 +490,13 @@ def _html_verdicts(store: Store, batch_id: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _csv_files(store: Store, batch_id: int, out_dir: Path, is_demo: bool) -> list[tuple[str, Path]]:
+def _csv_files(store: Store, batch_id: int, out_dir: Path, is_demo: bool, talk: pd.DataFrame) -> list[tuple[str, Path]]:
     frames = {
         "runs": analysis.runs_frame(store, batch_id),
         "turns": analysis.turns_frame(store, batch_id),
         "judgements": analysis.judgements_frame(store, batch_id),
         "summary": analysis.summary(store, batch_id).reset_index(),
-        "self-talk": analysis.self_talk(store, batch_id),
+        "self-talk": talk,
     }
     written = []
     for name, frame in frames.items():
@@ -547,18 +552,21 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # self_talk reads every transcript, so compute it once for all formats.
+    talk = functools.cache(lambda: analysis.self_talk(store, batch_id))
+
     written: list[tuple[str, Path]] = []
     if "csv" in chosen:
-        written += _csv_files(store, batch_id, out_dir, batch["is_demo"])
+        written += _csv_files(store, batch_id, out_dir, batch["is_demo"], talk())
     if "personas" in chosen:
         written += _persona_files(store, batch_id, out_dir, judge_model=judge_model, regenerate=regenerate)
     if "scorecard" in chosen:
         path = out_dir / f"batch-{batch_id}-scorecard.md"
-        path.write_text(scorecard_markdown(store, batch_id), encoding="utf-8")
+        path.write_text(scorecard_markdown(store, batch_id, talk=talk()), encoding="utf-8")
         written.append(("scorecard", path))
     if "html" in chosen:
         path = out_dir / f"batch-{batch_id}-summary.html"
-        path.write_text(summary_html(store, batch_id), encoding="utf-8")
+        path.write_text(summary_html(store, batch_id, talk=talk()), encoding="utf-8")
         written.append(("html", path))
 
     def record(session):  # type: ignore[no-untyped-def]

@@ -91,7 +91,7 @@ class GroupWriter:
             self._start_group(loop)
 
     def _write_group(self, group: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
-        """Runs on the writer thread. Returns (succeeded, result or exception) per call."""
+        """Write one group on the writer thread; return (succeeded, result or exception) per call."""
         if len(group) == 1:
             return [self._write_one(*group[0])]
 

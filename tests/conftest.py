@@ -7,10 +7,16 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from hermitkit.store import Store, normalize_database_url
+
+# On a loaded 2-core CI machine Hypothesis' time-based health checks and deadlines fail
+# tests that are merely slow, which says nothing about the code under test.
+settings.register_profile("hermitkit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("hermitkit")
 
 POSTGRES_ENV = "HERMITKIT_TEST_POSTGRES_URL"
 

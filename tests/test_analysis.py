@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from hermitkit import analysis
 from hermitkit.config import build_config
+from hermitkit.errors import ConfigError
 from hermitkit.protocol import classify, load_protocol, next_user_message
 from hermitkit.runner import run_batch
 from hermitkit.store import Batch, Judgement, Run, Store, Turn, utcnow
@@ -392,7 +393,7 @@ def test_resolve_batch_ids(store):
 
 
 def test_resolve_latest_without_batches(store):
-    with pytest.raises(LookupError, match="No batch"):
+    with pytest.raises(ConfigError, match="No batch"):
         analysis.resolve_batch_id(store, "latest")
 
 

@@ -42,10 +42,12 @@ def test_efficiency_script_runs(tmp_path):
         "--database", "sqlite", "--workdir", str(tmp_path), "--json", str(results),
     )
 
-    assert "efficiency" in output.splitlines()[0]
+    header = next(line for line in output.splitlines() if line.startswith("| database"))
+    assert "efficiency" in header
     rows = read_rows(results)
-    assert [row["judging"] for row in rows] == [False, True]
-    assert all(row["requests"] == 4 * (2 + int(row["judging"])) for row in rows)
+    assert [row["database"] for row in rows] == ["sqlite", "sqlite", "none (bare httpx)"]
+    assert [row["judging"] for row in rows] == [False, True, False]
+    assert [row["requests"] for row in rows] == [8, 12, 8]
 
 
 def test_overhead_script_runs(tmp_path):

@@ -127,3 +127,20 @@ def test_loader_raises_only_config_error(data):
         assert config.runs >= 1
         assert config.turns >= 1
         assert config.models
+
+
+def test_protocol_path_relative_to_params(tmp_path, monkeypatch):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "variant.yaml").write_text("id: variant\ninitial_prompt: 'Say {x}'\nwarning: w\n")
+    (folder / "p.yaml").write_text(yaml.safe_dump({**VALID, "protocol": "variant.yaml"}))
+    monkeypatch.chdir(tmp_path)
+    config = load_params(folder / "p.yaml")
+    assert config.load_protocol().id == "variant"
+
+
+def test_override_named_in_error_source(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    with pytest.raises(ConfigError, match="with --set turns=0"):
+        load_params(path, ["turns=0"])

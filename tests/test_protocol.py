@@ -220,3 +220,10 @@ def test_verdict_always_defined(text, policy):
         assert result.extracted is None
     if result.extracted is not None:
         assert result.extracted.strip()
+
+
+def test_builtin_id_reuse_rejected(tmp_path):
+    path = tmp_path / "copy.yaml"
+    path.write_text("id: hermitkit-v1\ninitial_prompt: 'Other words {x}'\nwarning: w\n")
+    with pytest.raises(ConfigError, match="belongs to a built-in protocol"):
+        load_protocol(str(path))
