@@ -46,6 +46,8 @@ PERSONA_MARKER = "HERMITKIT-PERSONA-V1"
 MIN_THEMES = 2
 MAX_THEMES = 5
 MAX_EVIDENCE = 10
+# Runs shown to the judge in one synthesis or persona prompt (see prompt_runs).
+MAX_PROMPT_RUNS = 40
 MAX_QUOTE_CHARS = 300
 # Budget of transcript characters per request and per reply excerpt, so a batch of many
 # long runs still fits a judge's context.
@@ -347,10 +349,26 @@ class ModelMaterial:
         return Evidence({run["run_id"]: {turn: _escape(text) for turn, text in run["turns"]} for run in self.runs})
 
 
+def prompt_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pick at most ``MAX_PROMPT_RUNS`` runs, spread evenly over the list, for one prompt.
+
+    A model with hundreds of runs would otherwise need a prompt larger than most
+    judges' context windows. The choice is deterministic, so a regenerated synthesis
+    reads the same runs.
+    """
+    if len(runs) <= MAX_PROMPT_RUNS:
+        return list(runs)
+    step = len(runs) / MAX_PROMPT_RUNS
+    return [runs[int(index * step)] for index in range(MAX_PROMPT_RUNS)]
+
+
 def _render_runs(material: ModelMaterial) -> str:
-    budget = max(400, PROMPT_TRANSCRIPT_CHARS // max(len(material.runs), 1))
+    shown = prompt_runs(material.runs)
+    budget = max(400, PROMPT_TRANSCRIPT_CHARS // max(len(shown), 1))
     blocks = []
-    for run in material.runs:
+    if len(shown) < len(material.runs):
+        blocks.append(f"({len(shown)} of the model's {len(material.runs)} runs are shown, spread evenly over them.)")
+    for run in shown:
         lines = [f'<run id="{run["run_id"]}" repetition="{run["repetition"]}">']
         if run.get("topics"):
             lines.append("judge topics: " + _escape(", ".join(run["topics"])))

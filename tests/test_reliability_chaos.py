@@ -43,10 +43,13 @@ from tests.reliability_support import (
 KILLS = 22
 MIN_JUDGE_PHASE_KILLS = 5
 RUNS = 3
-TURNS = 6
+TURNS = 10
 CONCURRENCY = 4
 SEED = 20261204
 CYCLE_TIMEOUT_S = 60
+# Slow enough that a batch stores a few rows between two polls, so that 22 kill
+# points fit into one batch before it finishes.
+SUBJECT_LATENCY_S = 0.04
 
 ROWS_SQL = text("SELECT (SELECT count(*) FROM turns WHERE role = 'assistant') + (SELECT count(*) FROM judgements)")
 JUDGEMENTS_SQL = text("SELECT count(*) FROM judgements")
@@ -81,7 +84,7 @@ def test_sigkill_chaos_then_resume(database_url, tmp_path):
     poll = create_engine(normalize_database_url(database_url))
     env = cli_env(database_url)
 
-    with recorded_requests() as requests, DemoServer(latency_s=0.005, model_latency_s={JUDGE: 0.2}) as server:
+    with recorded_requests() as requests, DemoServer(latency_s=SUBJECT_LATENCY_S, model_latency_s={JUDGE: 0.2}) as server:
         config = demo_config(server.base_url, models=SUBJECT_MODELS, runs=RUNS, turns=TURNS, concurrency=CONCURRENCY)
         params = write_params(tmp_path / "params.yaml", config)
 

@@ -371,3 +371,14 @@ def test_ensure_works_inside_running_loop(sqlite_url):
 
     assert asyncio.run(notebook_cell())["demo/steady"]["status"] == "ok"
     store.dispose()
+
+
+def test_prompt_caps_runs_for_large_models():
+    from hermitkit.synthesis import MAX_PROMPT_RUNS, ModelMaterial, synthesis_messages
+
+    runs = [{"run_id": run_id, "repetition": run_id, "turns": [(1, "{a long self-prompt " + "x" * 300 + "}")], "topics": ["t"], "analysis": "y" * 900} for run_id in range(1, 1001)]
+    prompt = synthesis_messages(ModelMaterial("demo/steady", runs))[1]["content"]
+    assert prompt.count("<run id=") == MAX_PROMPT_RUNS
+    assert f"{MAX_PROMPT_RUNS} of the model's 1000 runs are shown" in prompt
+    assert '<run id="1" ' in prompt
+    assert len(prompt) < 120_000
