@@ -334,6 +334,8 @@ def persona_card_png(card: dict[str, Any], path: Path | str) -> Path:
     for position, text in zip(positions, shown, strict=True):
         axes.text(1.02, position, text, va="center", fontsize=9)
 
+    figure.text(0.22, 0.635, "Error rate: replies with no braces or only empty braces. Malformed replies count against adherence only.", fontsize=7, color="#495057")
+
     themes = "; ".join(theme["name"] for theme in card.get("themes") or []) or "none stored"
     figure.text(0.04, 0.6, textwrap.fill("Themes: " + themes, 95), fontsize=9, va="top", parse_math=False)
     if card["status"] == "ok":
