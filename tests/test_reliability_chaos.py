@@ -96,7 +96,7 @@ def test_sigkill_chaos_then_resume(database_url, tmp_path):
         judge_lost = 0
         for _ in range(KILLS):
             kind = "judge" if rng.random() < 0.35 else "rows"
-            target = _scalar(poll, ROWS_SQL) + rng.randint(1, 4)
+            target = _scalar(poll, ROWS_SQL) + rng.randint(1, 3)
             args = ["run", str(params)] if batch_id is None else ["resume", str(batch_id)]
             process = subprocess.Popen([sys.executable, "-m", "hermitkit.cli", *args, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
