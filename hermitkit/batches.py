@@ -22,7 +22,7 @@ from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, R
 
 @dataclass(frozen=True)
 class RunTask:
-    """What a worker needs to carry on one run."""
+    """The ids and progress of one run that a worker carries on."""
 
     run_id: int
     model: str
@@ -233,7 +233,7 @@ def _exchange_rows(
     classification: Classification,
     echo: str | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The turn rows of one exchange and the parameters of its run-count update."""
+    """Build the turn rows of one exchange and the parameters of its run-count update."""
     verdict = classification.verdict
     if verdict not in _VERDICT_COUNTS:
         raise ValueError(f"Unknown verdict {verdict!r}: expected one of {', '.join(_VERDICT_COUNTS)}.")
@@ -295,7 +295,7 @@ def batch_run_statuses(session: Session, batch_id: int) -> dict[str, int]:
 
 
 def judge_transcript_rows(session: Session, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The transcript and exact protocol counts of a run, as the judge receives them."""
+    """Load the transcript and exact protocol counts of a run, as the judge receives them."""
     run = session.get(Run, run_id)
     if run is None:
         raise KeyError(run_id)

@@ -89,7 +89,7 @@ class ModelInfo:
 
 
 class ChatProvider(Protocol):
-    """What the runner and judge need from any model source (HTTP endpoint or local)."""
+    """The interface the runner and judge use for any model source (HTTP endpoint or local)."""
 
     async def chat(
         self,
@@ -385,7 +385,7 @@ def _model_list_problem(body: Any) -> str | None:
 
 
 def _is_unknown_host(exc: BaseException) -> bool:
-    """Whether a transport error comes from a host name that does not exist.
+    """Tell whether a transport error comes from a host name that does not exist.
 
     EAI_NONAME ("Name or service not known") is final; EAI_AGAIN ("Temporary failure in
     name resolution") is not, so it stays retryable like other network errors.

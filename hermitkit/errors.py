@@ -20,7 +20,7 @@ class ProviderError(HermitkitError):
     """A chat or model-list request failed after the retries allowed for it.
 
     ``status`` is the HTTP status (``None`` for network errors and timeouts) and
-    ``retryable`` says whether the failure was of a kind that is retried.
+    ``retryable`` tells whether the failure was of a kind that is retried.
     """
 
     def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):

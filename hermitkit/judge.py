@@ -649,7 +649,7 @@ def parse_verdict(text: str | None) -> Verdict | ParseFailure:
     """Extract and validate a verdict from a judge reply. Never raises.
 
     Valid JSON is parsed as it is. Otherwise each ```json fence and each balanced
-    top-level object in the text is a candidate, in order of position; the trailing-comma
+    top-level object in the text is a candidate, in order of position. The trailing-comma
     repair applies only to a candidate that fails strict parsing. The first candidate
     that validates is the verdict. If none does, the failure reported comes from the
     candidate that looks most like a verdict.

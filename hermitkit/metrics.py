@@ -279,7 +279,7 @@ def end_state(turns: Sequence[AssistantTurn], tail: int = TAIL_TURNS, *, kinds: 
     5. ``none``: no condition holds on the whole tail.
 
     The onset is the first turn of the unbroken stretch, reaching back from the last
-    turn, in which the winning condition holds; it may start before the tail.
+    turn, in which the winning condition holds. It may start before the tail.
     ``kinds`` is ``repeat_kinds`` of the turns' self-prompts when the caller has it.
     """
     if not turns:
@@ -342,7 +342,7 @@ def run_metrics(turns: Sequence[AssistantTurn]) -> dict[str, object]:
     - ``compression_ratio``: ``compression_ratio`` of all self-prompts.
     - ``exact_repeats`` / ``near_repeats``: turns labelled so by ``repeat_kinds``.
     - ``loop_onset``: ``loop_onset`` of those labels (None when no loop).
-    - ``asking_turns``: turns whose reply asks for input.
+    - ``asking_turns``: turns whose reply requests input from the echo.
     - ``mean_symbol_density`` / ``mean_emoji_density``: means over turns.
     - ``end_state`` and ``end_state_onset``: from ``end_state``.
     """

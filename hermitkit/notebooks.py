@@ -86,14 +86,16 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
 def secret_values() -> dict[str, str]:
     """Secret-looking environment variables (name to value), including database passwords."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     found = {name: value for name, value in os.environ.items() if _SECRET_ENV_NAMES.search(name) and len(value) >= _MIN_SECRET_CHARS}
     for name in (DATABASE_URL_ENV, "DATABASE_URL"):
         url = os.environ.get(name, "")
         try:
             password = make_url(url).password if "://" in url else None
-        except Exception:  # noqa: BLE001 - a malformed URL has no password to protect here
-            password = None
+        except (ArgumentError, ValueError):
+            # The password cannot be found in a URL that does not parse, so guard all of it.
+            password = url
         if password and len(password) >= _MIN_SECRET_CHARS:
             found[f"the password in {name}"] = password
     return found

@@ -149,13 +149,18 @@ def scan_blocks(text: str) -> tuple[list[tuple[int, int]], bool]:
 def classify(text: str | None, extraction: Extraction = "first") -> Classification:
     """Give one assistant reply its verdict and the text to echo back.
 
-    Order of checks: no brace at all is ``missing``; an unmatched brace is
-    ``unbalanced``; blocks that are all blank are ``empty``; several top-level blocks
-    are ``multiple``; otherwise ``ok``. ``None`` (a provider's ``content: null``) is
-    an empty reply and so ``missing``.
+    The checks run in this order, and the first that matches wins:
+
+    1. no brace at all: ``missing``
+    2. an unmatched brace: ``unbalanced``
+    3. only blank blocks: ``empty``
+    4. several top-level blocks: ``multiple``
+    5. otherwise ``ok``
+
+    ``None`` (a provider's ``content: null``) is an empty reply and so ``missing``.
     """
     if extraction not in EXTRACTIONS:
-        raise ConfigError(f"Unknown extraction policy {extraction!r}; use one of {', '.join(EXTRACTIONS)}.")
+        raise ConfigError(f"Unknown extraction policy {extraction!r}: use one of {', '.join(EXTRACTIONS)}.")
 
     if text is None or ("{" not in text and "}" not in text):
         return Classification("missing", None, ())
@@ -219,7 +224,7 @@ def build_messages(protocol: Protocol, history: Sequence[dict[str, str]]) -> lis
     """Apply the history policy to a run's messages (initial prompt first).
 
     ``window`` keeps the initial prompt plus the last ``protocol.window`` messages, so
-    the model always sees the rules and the request always ends with a user message.
+    the model always receives the rules and the request always ends with a user message.
     """
     messages = [{"role": m["role"], "content": m["content"]} for m in history]
     if protocol.history == "full" or protocol.window is None:

@@ -45,7 +45,7 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 @dataclass
 class BatchOutcome:
-    """How a call to run or resume a batch ended."""
+    """The end state of one call that runs or resumes a batch."""
 
     batch_id: int
     status: str
@@ -56,7 +56,7 @@ class BatchOutcome:
 
 
 def reply_cost(reply: ChatReply, info: ModelInfo | None) -> float | None:
-    """The provider's reported cost, else an estimate from the model list's prices."""
+    """Return the provider's reported cost, else an estimate from the model list's prices."""
     if reply.cost_usd is not None:
         return reply.cost_usd
     if info is None or info.prompt_price is None or info.completion_price is None:
@@ -102,9 +102,9 @@ class BatchExecution:
         self.budget_hit = False
         self.fatal: ProviderError | None = None
         self._model_slots: dict[str, asyncio.Semaphore] = {}
-        # One writer thread: writes from this process never contend with each other,
-        # the event loop never blocks on a commit, and calls queued during a commit
-        # share the next one.
+        # One writer thread per batch, so this batch's writes never contend with each
+        # other, the event loop never waits on a commit, and writes queued during a
+        # commit share the next one.
         self._writer = GroupWriter(store, merged={batches.add_exchange: batches.add_exchanges})
         self._bar: Any = None
 
@@ -322,7 +322,7 @@ class BatchExecution:
                     sampling=self.config.judge_sampling(),
                 )
             except ProviderError as exc:
-                # The run stays unjudged by this judge, so a resume asks again.
+                # The run stays unjudged by this judge, so a resume sends the request again.
                 log.error("Judge %s failed on run %d: %s", judge_model, task.run_id, exc)
                 self._emit("judge_failed", run_id=task.run_id, judge=judge_model, error=str(exc))
                 continue
@@ -387,9 +387,10 @@ async def run_batch_async(
 ) -> BatchOutcome:
     """Validate ``config``, create a batch in the store and run it to the end.
 
-    Raises ConfigError (nothing sent) for a bad config, an unknown model or a missing
-    key, and AuthenticationError or InsufficientCreditsError when the provider rejects
-    the key or the account mid-batch; the batch and its stored turns are kept then.
+    Raises ConfigError, before any chat request, for a bad config, an unknown model or
+    a missing key. Raises AuthenticationError or InsufficientCreditsError when the
+    provider rejects the key or the account mid-batch. The batch and its stored turns
+    are kept in that case.
     """
     if isinstance(config, dict):
         config = build_config(config)

@@ -1,10 +1,10 @@
 """The database: SQLAlchemy 2.0 models and the queries the runner and judge need.
 
-SQLite is the default, at a path that does not depend on the working directory;
+SQLite is the default, at a path that does not depend on the working directory.
 PostgreSQL is used when HERMITKIT_DATABASE_URL or DATABASE_URL names it. Alembic owns
 the schema on both, and every Store brings its database to the head revision when it
 opens it. No API key is ever written here: batch configs store the name of the
-environment variable that holds a key, never the key.
+environment variable that contains a key, never the key.
 """
 
 from __future__ import annotations
@@ -196,8 +196,9 @@ class Judgement(Base):
     """One judge model's verdict on one run.
 
     ``round`` is 0 for the judging done by the batch itself and grows by one each time
-    the run is judged again by the same judge, so repeats sit beside the old verdicts
-    and a resumed batch can never store its own verdict twice.
+    the run is judged again by the same judge, so repeats sit beside the old verdicts.
+    The unique key on (run, judge, round) means a resumed batch cannot store its own
+    verdict twice.
     """
 
     __tablename__ = "judgements"
@@ -409,7 +410,7 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session whose transaction commits on success and rolls back on error."""
+        """Open a session whose transaction commits on success and rolls back on error."""
         with self._sessions() as session, session.begin():
             yield session
 

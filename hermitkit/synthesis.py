@@ -541,24 +541,23 @@ def _latest(session: Any, table: Any, batch_id: int, model: str, judge_model: st
     return session.scalars(query.order_by(table.id.desc()).limit(1)).first()
 
 
-def stored_syntheses(store: Store, batch_id: int, *, judge_model: str | None = None) -> dict[str, dict[str, Any]]:
-    """Return the newest stored synthesis per model, as dicts."""
+def _newest_per_model(store: Store, table: Any, batch_id: int, judge_model: str | None, to_dict: Callable[[Any], dict[str, Any]]) -> dict[str, dict[str, Any]]:
     def read(session):  # type: ignore[no-untyped-def]
-        models = session.scalars(select(Synthesis.model).where(Synthesis.batch_id == batch_id).distinct()).all()
-        rows = {model: _latest(session, Synthesis, batch_id, model, judge_model) for model in models}
-        return {model: _synthesis_dict(row) for model, row in rows.items() if row is not None}
+        models = session.scalars(select(table.model).where(table.batch_id == batch_id).distinct()).all()
+        rows = {model: _latest(session, table, batch_id, model, judge_model) for model in models}
+        return {model: to_dict(row) for model, row in rows.items() if row is not None}
 
     return store.read(read)
+
+
+def stored_syntheses(store: Store, batch_id: int, *, judge_model: str | None = None) -> dict[str, dict[str, Any]]:
+    """Return the newest stored synthesis per model, as dicts."""
+    return _newest_per_model(store, Synthesis, batch_id, judge_model, _synthesis_dict)
 
 
 def stored_personas(store: Store, batch_id: int, *, judge_model: str | None = None) -> dict[str, dict[str, Any]]:
     """Return the newest stored persona per model, as dicts."""
-    def read(session):  # type: ignore[no-untyped-def]
-        models = session.scalars(select(Persona.model).where(Persona.batch_id == batch_id).distinct()).all()
-        rows = {model: _latest(session, Persona, batch_id, model, judge_model) for model in models}
-        return {model: _persona_dict(row) for model, row in rows.items() if row is not None}
-
-    return store.read(read)
+    return _newest_per_model(store, Persona, batch_id, judge_model, _persona_dict)
 
 
 def _synthesis_dict(row: Synthesis) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from hermitkit.store import Store, normalize_database_url
 
 # On a loaded 2-core CI machine Hypothesis' time-based health checks and deadlines fail
-# tests that are merely slow, which says nothing about the code under test.
+# tests that are merely slow, which tells nothing about the code under test.
 settings.register_profile("hermitkit", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("hermitkit")
 

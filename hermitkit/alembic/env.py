@@ -1,6 +1,6 @@
 """Alembic environment for hermitkit.
 
-The library passes an open connection in ``config.attributes["connection"]``; the
+The library passes an open connection in ``config.attributes["connection"]``. The
 ``alembic`` command line uses the URL from HERMITKIT_DATABASE_URL, DATABASE_URL or the
 default SQLite file, like the library.
 """

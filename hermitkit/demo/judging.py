@@ -99,7 +99,7 @@ _TOPICS_LINE = re.compile(r"^judge topics: (.+)$", re.MULTILINE)
 
 
 def synthesis_reply(text: str) -> dict[str, Any]:
-    """A deterministic synthesis of the runs named in a synthesis request."""
+    """Build a deterministic synthesis of the runs named in a synthesis request."""
     run_ids = list(dict.fromkeys(int(value) for value in _RUN_TAG.findall(text)))
     if not run_ids:
         return {"themes": []}
@@ -115,7 +115,7 @@ def synthesis_reply(text: str) -> dict[str, Any]:
 
 
 def persona_reply(text: str) -> dict[str, Any]:
-    """A deterministic persona description citing the first turns named in a persona request."""
+    """Build a deterministic persona description that cites the first turns named in a persona request."""
     turns = _TURN_TAG.findall(text)
     evidence = []
     for run_id, turn, excerpt in turns[:2]:
