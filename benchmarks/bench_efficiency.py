@@ -6,9 +6,10 @@ judging and T + J with J judge models, because each verdict request follows the 
 last turn. Efficiency is that limit divided by the measured wall time.
 
 The demo server runs in its own process (``python -m hermitkit.cli demo-server``) with
-a fixed latency added to every chat reply. The last row times a bare httpx loop (see
-``bench_overhead.py``) on the same number of requests: the ceiling that any Python
-client built on httpx reaches on this machine.
+a fixed latency added to every chat reply. The last two rows time the bare loops of
+``bench_overhead.py`` on the same number of requests, storing nothing: one through
+``httpx.AsyncClient``, one through hermitkit's own HTTP path (``ShardedTransport``).
+The second is the ceiling for hermitkit's batches on this machine.
 
     python benchmarks/bench_efficiency.py --latency 0.05 --runs 256 --turns 10 --concurrency 64 --database sqlite,postgresql
 """
@@ -38,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", type=int, default=4, choices=range(1, len(DEMO_MODELS) + 1), help="How many demo models share the runs (default: %(default)s).")
     parser.add_argument("--judge", choices=["on", "off", "both"], default="both", help="Measure with judging, without, or both (default: %(default)s).")
     parser.add_argument("--repeat", type=int, default=1, help="Batches per setting; the table shows each one (default: %(default)s).")
-    parser.add_argument("--bare", choices=["on", "off"], default="on", help="Also time a bare httpx loop sending the same requests, as the ceiling for this machine (default: %(default)s).")
+    parser.add_argument("--bare", choices=["on", "off"], default="on", help="Also time two bare loops that send the same requests and store nothing (default: %(default)s).")
     parser.add_argument("--json", type=Path, default=None, help="Append results as JSON lines to this file.")
     add_server_argument(parser)
     add_database_arguments(parser, default="sqlite,postgresql")
@@ -113,9 +114,9 @@ def measure(args: argparse.Namespace, base_url: str, url: str, judge: bool) -> d
     }
 
 
-def measure_bare(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
-    """Time bench_overhead's bare httpx loop on the requests of an unjudged one-model batch of the same size."""
-    from bench_overhead import bare_loop, hermitkit_loop, stored_requests
+def measure_bare(args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
+    """Time bench_overhead's two bare loops on the requests of an unjudged one-model batch of the same size."""
+    from bench_overhead import bare_loop, bare_transport_loop, hermitkit_loop, stored_requests
 
     with fresh_database("sqlite", args) as url:
         store = Store(url)
@@ -124,12 +125,19 @@ def measure_bare(args: argparse.Namespace, base_url: str) -> dict[str, Any]:
             requests = stored_requests(store, batch_id)
         finally:
             store.dispose()
-    wall_s = asyncio.run(bare_loop(base_url, requests, args.concurrency))
 
+    rows = []
+    for label, loop in (("none (bare httpx)", bare_loop), ("none (bare transport)", bare_transport_loop)):
+        wall_s = asyncio.run(loop(base_url, requests, args.concurrency))
+        rows.append(bare_row(args, label, wall_s))
+    return rows
+
+
+def bare_row(args: argparse.Namespace, label: str, wall_s: float) -> dict[str, Any]:
     limit_s = max(args.turns * args.latency, args.runs * args.turns * args.latency / args.concurrency)
     return {
         "benchmark": "efficiency",
-        "database": "none (bare httpx)",
+        "database": label,
         "judging": False,
         "latency_s": args.latency,
         "runs": args.runs,
@@ -155,7 +163,7 @@ def main() -> None:
                     with fresh_database(kind, args) as url:
                         results.append(measure(args, base_url, url, judge))
         if args.bare == "on":
-            results.append(measure_bare(args, base_url))
+            results.extend(measure_bare(args, base_url))
 
     postgres = args.postgres_url if "postgresql" in kinds else None
     machine = machine_info(postgres)

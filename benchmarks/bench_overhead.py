@@ -9,8 +9,13 @@ that hermitkit's batch sent, rebuilt from the stored transcripts before timing s
   and a committed exchange (assistant turn, echo and run counters).
 - bare: C asyncio workers, each with its own ``httpx.AsyncClient``, that post each
   body and decode the JSON reply. Nothing is stored.
+- bare_transport: the same loop sent through hermitkit's own HTTP path
+  (``hermitkit.http_pool.ShardedTransport`` called directly, without
+  ``httpx.AsyncClient``). Its time shows what hermitkit's turn loop adds on top of
+  the requests alone.
 
-The ratio is hermitkit's time per turn divided by the bare loop's (target <= 1.5).
+The ratio is hermitkit's time per turn divided by the bare loop's (target <= 1.5);
+``ratio_transport`` divides by the bare_transport loop's.
 Each setting runs ``--repeat`` times, alternating the two loops; the table shows
 medians.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +38,7 @@ from sqlalchemy import select
 
 from hermitkit.client import build_chat_payload
 from hermitkit.config import build_config
+from hermitkit.http_pool import ShardedTransport
 from hermitkit.runner import run_batch_async
 from hermitkit.store import Run, Store, Turn
 
@@ -116,21 +123,54 @@ async def bare_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency
             await client.aclose()
 
 
+async def bare_transport_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency: int) -> float:
+    """Post every body through one ShardedTransport, as hermitkit's client does; return the seconds taken."""
+    queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+    for bodies in runs:
+        queue.put_nowait(bodies)
+    url = httpx.URL(f"{base_url}/chat/completions")
+    transport = ShardedTransport(max_connections=max(concurrency * 2, 8))
+    timeouts = {"connect": 60.0, "read": 60.0, "write": 60.0, "pool": None}
+
+    async def worker() -> None:
+        while not queue.empty():
+            for body in queue.get_nowait():
+                content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+                request = httpx.Request("POST", url, headers={"Content-Type": "application/json"}, content=content, extensions={"timeout": timeouts})
+                response = await transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                if response.status_code != 200:
+                    raise RuntimeError(f"The demo server replied {response.status_code}.")
+                response.json()["choices"][0]["message"]
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(runs)))))
+        return time.perf_counter() - started
+    finally:
+        await transport.aclose()
+
+
 def measure(args: argparse.Namespace, base_url: str, url: str, concurrency: int) -> dict[str, Any]:
     turns = args.runs * args.turns
-    hermitkit_times, bare_times = [], []
+    hermitkit_times, bare_times, transport_times = [], [], []
     store = Store(url)
     try:
         _, batch_id = asyncio.run(hermitkit_loop(args, base_url, store, concurrency))
         requests = stored_requests(store, batch_id)
         for _ in range(args.repeat):
             bare_times.append(asyncio.run(bare_loop(base_url, requests, concurrency)))
+            transport_times.append(asyncio.run(bare_transport_loop(base_url, requests, concurrency)))
             hermitkit_times.append(asyncio.run(hermitkit_loop(args, base_url, store, concurrency))[0])
     finally:
         store.dispose()
 
     hermitkit_ms = statistics.median(hermitkit_times) / turns * 1000
     bare_ms = statistics.median(bare_times) / turns * 1000
+    transport_ms = statistics.median(transport_times) / turns * 1000
     return {
         "benchmark": "overhead",
         "database": kind_of_url(url),
@@ -141,8 +181,11 @@ def measure(args: argparse.Namespace, base_url: str, url: str, concurrency: int)
         "hermitkit_ms_per_turn": hermitkit_ms,
         "bare_ms_per_turn": bare_ms,
         "ratio": hermitkit_ms / bare_ms,
+        "bare_transport_ms_per_turn": transport_ms,
+        "ratio_transport": hermitkit_ms / transport_ms,
         "hermitkit_s": hermitkit_times,
         "bare_s": bare_times,
+        "bare_transport_s": transport_times,
     }
 
 
@@ -162,7 +205,7 @@ def main() -> None:
     for row in results:
         row["machine"] = machine
         row["server_overhead_ms"] = args.server_overhead_ms
-    print_table(results, ["database", "latency_s", "concurrency", "runs", "turns", "hermitkit_ms_per_turn", "bare_ms_per_turn", "ratio"])
+    print_table(results, ["database", "latency_s", "concurrency", "runs", "turns", "hermitkit_ms_per_turn", "bare_ms_per_turn", "ratio", "bare_transport_ms_per_turn", "ratio_transport"])
     emit(results, args.json)
 
 

@@ -1,9 +1,9 @@
 """pandas DataFrames from the store, per-model summaries and self-talk metrics.
 
 Aggregation runs in SQL: counts, sums and means per model or per run come back from the
-database, and pandas only reshapes them. The exceptions are bootstrap intervals, which
-resample per-run values with numpy, and the text metrics of ``hermitkit.metrics``,
-which read the transcripts.
+database, and pandas only reshapes them or adds up counts. The exceptions are bootstrap
+intervals, which resample per-run values with numpy (``hermitkit.bootstrap``), and the
+text metrics of ``hermitkit.metrics``, which read the transcripts.
 
 Every frame works for one batch. The ``*_frame`` functions also take several batch ids
 and add batch, protocol and sampling parameters as columns, so protocol variants and
@@ -18,8 +18,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Float, case, cast, func, select
+from sqlalchemy import Float, and_, case, cast, func, select
 
+# Callers import the bootstrap settings and ``bootstrap_ci`` from this module too.
+from hermitkit.bootstrap import (
+    BOOTSTRAP_METHOD,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    bootstrap_ci,
+    bootstrap_intervals,
+)
 from hermitkit.errors import ConfigError
 from hermitkit.judge import (
     EXPLORATION_STYLE_VALUES,
@@ -30,11 +39,6 @@ from hermitkit.metrics import END_STATES, AssistantTurn, run_metrics, turn_metri
 from hermitkit.store import Batch, Judgement, Run, Store, Turn
 
 PASSED_MIRROR = ("passed", "failed_then_passed")
-
-BOOTSTRAP_METHOD = "percentile bootstrap over runs"
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 20261204
-CONFIDENCE = 0.95
 
 # Sampling parameters stored with each run that become columns of the frames.
 # ``reasoning_settings`` is the run's reasoning request as JSON, not reasoning text.
@@ -84,54 +88,8 @@ def batch_is_demo(store: Store, batch_id: int) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Bootstrap
+# Mirror test
 # ---------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray,
-    *,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = CONFIDENCE,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``.
-
-    Draws ``resamples`` resamples of the same size with replacement from a fresh
-    ``numpy.random.default_rng(seed)``, so every interval is reproducible on its own,
-    and returns the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of their
-    means. NaN values are dropped first; no value gives (nan, nan) and one value or
-    identical values give a zero-width interval at that value.
-    """
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, got {confidence}.")
-
-    data = np.asarray(values, dtype=float)
-    data = data[~np.isnan(data)]
-    if data.size == 0:
-        return float("nan"), float("nan")
-    if np.all(data == data[0]):
-        return float(data[0]), float(data[0])
-
-    rng = np.random.default_rng(seed)
-    indexes = rng.integers(0, data.size, size=(resamples, data.size))
-    means = data[indexes].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
-
-
-def _grouped_ci(frame: pd.DataFrame, column: str, *, resamples: int, seed: int, confidence: float) -> pd.DataFrame:
-    """Mean and bootstrap interval of ``column`` per model, from one row per run."""
-    rows = []
-    for model, group in frame.groupby("model", sort=True):
-        values = group[column].to_numpy(dtype=float)
-        values = values[~np.isnan(values)]
-        low, high = bootstrap_ci(values, resamples=resamples, seed=seed, confidence=confidence)
-        rows.append({"model": model, "mean": values.mean() if values.size else np.nan, "low": low, "high": high, "n": int(values.size)})
-    return pd.DataFrame(rows, columns=["model", "mean", "low", "high", "n"]).set_index("model")
 
 
 def mirror_consensus(pass_rate: float | None) -> str:
@@ -286,7 +244,13 @@ def _judge_filter(query: Any, judge_model: str | None) -> Any:
 
 
 def _summary_queries(batch_id: int, judge_model: str | None) -> dict[str, Any]:
+    """Build every query that ``summary`` sends, by name.
+
+    ``latency`` is the only one that reads ``turns``. ``per_run`` returns one row per run
+    in run id order, which fixes the order of the values that the bootstrap resamples.
+    """
     ok = Judgement.status == "ok"
+    batch = select(Batch.is_demo).where(Batch.id == batch_id)
     per_model = (
         select(
             Run.model,
@@ -302,66 +266,77 @@ def _summary_queries(batch_id: int, judge_model: str | None) -> dict[str, Any]:
         .where(Run.batch_id == batch_id)
         .group_by(Run.model)
     )
-    per_run_compliance = select(
-        Run.model,
-        Run.id.label("run_id"),
-        case((Run.turn_count > 0, cast(Run.ok_count, Float) / Run.turn_count)).label("compliance"),
-    ).where(Run.batch_id == batch_id)
     latency = (
         select(Run.model, func.avg(Turn.latency_s).label("mean_latency_s"))
         .join(Run, Run.id == Turn.run_id)
         .where(Run.batch_id == batch_id, Turn.role == "assistant")
         .group_by(Run.model)
     )
-    verdict_counts = _judge_filter(
+
+    # A run rated by several judges or rounds counts once: the mean of its parsed verdicts.
+    # A run without a parsed verdict gets NULL judge columns, never zero.
+    parsed = ok if judge_model is None else and_(ok, Judgement.judge_model == judge_model)
+    mirror_pass = case((Judgement.mirror_test.in_(PASSED_MIRROR), 1.0), (Judgement.id.is_not(None), 0.0))
+    per_run = (
         select(
             Run.model,
-            func.sum(case((ok, 1), else_=0)).label("verdicts"),
-            func.sum(case((ok, 0), else_=1)).label("judge_parse_failures"),
-            func.sum(func.coalesce(Judgement.cost_usd, 0.0)).label("judge_cost_usd"),
+            case((Run.turn_count > 0, cast(Run.ok_count, Float) / Run.turn_count)).label("compliance"),
+            # PostgreSQL averages integers as numeric, so the cast makes both backends return float8.
+            cast(func.avg(mirror_pass), Float).label("mirror_pass"),
+            cast(func.avg(Judgement.autonomy), Float).label("autonomy"),
+            cast(func.avg(Judgement.sophistication), Float).label("sophistication"),
         )
+        .outerjoin(Judgement, and_(Judgement.run_id == Run.id, parsed))
+        .where(Run.batch_id == batch_id)
+        .group_by(Run.id)
+        .order_by(Run.id)
+    )
+
+    # One pass over the verdicts gives the counts, the judges and both category shares.
+    verdict_groups = _judge_filter(
+        select(
+            Run.model,
+            Judgement.judge_model,
+            Judgement.status,
+            Judgement.self_awareness,
+            Judgement.exploration_style,
+            func.count().label("count"),
+        )
+        .join(Run, Run.id == Judgement.run_id)
+        .where(Run.batch_id == batch_id)
+        .group_by(Run.model, Judgement.judge_model, Judgement.status, Judgement.self_awareness, Judgement.exploration_style),
+        judge_model,
+    )
+    # Summed per model in SQL: adding up the sums of the groups above would round differently.
+    judge_cost = _judge_filter(
+        select(Run.model, func.sum(func.coalesce(Judgement.cost_usd, 0.0)).label("judge_cost_usd"))
         .join(Run, Run.id == Judgement.run_id)
         .where(Run.batch_id == batch_id)
         .group_by(Run.model),
         judge_model,
     )
-    # A run rated by several judges or rounds counts once: the mean of its parsed verdicts.
-    per_run_judged = _judge_filter(
-        select(
-            Run.model,
-            Judgement.run_id,
-            func.avg(case((Judgement.mirror_test.in_(PASSED_MIRROR), 1.0), else_=0.0)).label("mirror_pass"),
-            func.avg(Judgement.autonomy).label("autonomy"),
-            func.avg(Judgement.sophistication).label("sophistication"),
-        )
-        .join(Run, Run.id == Judgement.run_id)
-        .where(Run.batch_id == batch_id, ok)
-        .group_by(Run.model, Judgement.run_id),
-        judge_model,
-    )
-    categories = {
-        name: _judge_filter(
-            select(Run.model, column.label("value"), func.count().label("count"))
-            .join(Run, Run.id == Judgement.run_id)
-            .where(Run.batch_id == batch_id, ok)
-            .group_by(Run.model, column),
-            judge_model,
-        )
-        for name, column in (("self_awareness", Judgement.self_awareness), ("exploration_style", Judgement.exploration_style))
-    }
-    judges = _judge_filter(
-        select(Judgement.judge_model).join(Run, Run.id == Judgement.run_id).where(Run.batch_id == batch_id).distinct(),
-        judge_model,
-    )
     return {
+        "batch": batch,
         "per_model": per_model,
-        "per_run_compliance": per_run_compliance,
         "latency": latency,
-        "verdict_counts": verdict_counts,
-        "per_run_judged": per_run_judged,
-        "judges": judges,
-        **{f"category_{name}": query for name, query in categories.items()},
+        "per_run": per_run,
+        "verdict_groups": verdict_groups,
+        "judge_cost": judge_cost,
     }
+
+
+def _fetch_frames(session: Any, queries: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Run each query in the session's transaction and return its rows as a frame, by name."""
+    # Core execution, because the rows are plain columns and the ORM's per-row loading would be wasted work.
+    connection = session.connection()
+    frames = {}
+    for name, query in queries.items():
+        result = connection.execute(query)
+        names = list(result.keys())
+        rows = result.all()
+        columns = zip(*rows) if rows else ([] for _ in names)
+        frames[name] = pd.DataFrame(dict(zip(names, columns, strict=True)), columns=names)
+    return frames
 
 
 def _category_shares(counts: pd.DataFrame, values: tuple[str, ...], prefix: str) -> pd.DataFrame:
@@ -406,29 +381,22 @@ def summary(
     - ``self_awareness_*`` are shares of parsed verdicts; ``exploration_style`` is the
       most frequent style.
     - ``*_ci_low`` / ``*_ci_high`` are percentile bootstrap intervals over runs
-      (``bootstrap_ci``); method, resamples, seed and confidence are in ``frame.attrs``.
+      (``bootstrap_ci``), which resample each model's per-run values in run id order;
+      method, resamples, seed and confidence are in ``frame.attrs``.
     - ``cost_usd`` is the cost of the model's replies, ``judge_cost_usd`` that of its
       verdicts; ``mean_latency_s`` is the mean latency of its assistant turns.
     """
     batch_id = resolve_batch_id(store, batch_id)
     queries = _summary_queries(batch_id, judge_model)
-
-    def read(session):  # type: ignore[no-untyped-def]
-        frames = {}
-        for name, query in queries.items():
-            result = session.execute(query)
-            frames[name] = pd.DataFrame.from_records([tuple(row) for row in result.all()], columns=list(result.keys()))
-        return frames
-
-    frames = store.read(read)
+    frames = store.read(lambda session: _fetch_frames(session, queries))
     models = frames["per_model"]
     if models.empty:
         return pd.DataFrame()
 
     frame = models.set_index("model").sort_index()
-    frame = frame.join(frames["latency"].set_index("model"))
-    frame = _add_compliance(frame, frames["per_run_compliance"], resamples=resamples, seed=seed, confidence=confidence)
-    frame = _add_judge_columns(frame, frames, resamples=resamples, seed=seed, confidence=confidence)
+    frame["mean_latency_s"] = frames["latency"].set_index("model")["mean_latency_s"].reindex(frame.index)
+    frame = _add_run_means(frame, frames["per_run"], resamples=resamples, seed=seed, confidence=confidence)
+    frame = _add_verdict_columns(frame, frames["verdict_groups"], frames["judge_cost"])
 
     frame["total_cost_usd"] = frame["cost_usd"].astype(float) + frame["judge_cost_usd"].astype(float)
     frame["cost_per_run_usd"] = frame["total_cost_usd"] / frame["runs"]
@@ -436,12 +404,14 @@ def summary(
         frame[column] = frame[column].fillna(0).astype(int)
     for column in ("failures_per_run", "malformed_per_run", "cost_usd", "mean_latency_s"):
         frame[column] = frame[column].astype(float)
+    frame = frame[list(_summary_columns())]
 
+    batch = frames["batch"]
     frame.attrs.update(
         {
             "batch_id": batch_id,
-            "is_demo": batch_is_demo(store, batch_id),
-            "judges": sorted(frames["judges"]["judge_model"].tolist()) if not frames["judges"].empty else [],
+            "is_demo": bool(batch["is_demo"].iloc[0]) if not batch.empty else False,
+            "judges": sorted(frames["verdict_groups"]["judge_model"].unique().tolist()),
             "judge_model": judge_model,
             "ci_method": BOOTSTRAP_METHOD,
             "ci_resamples": resamples,
@@ -452,49 +422,63 @@ def summary(
     return frame
 
 
-def _add_compliance(frame: pd.DataFrame, per_run: pd.DataFrame, **bootstrap: Any) -> pd.DataFrame:
-    per_run = per_run.assign(compliance=per_run["compliance"].astype(float))
-    ci = _grouped_ci(per_run, "compliance", **bootstrap)
-    frame["compliance_mean"] = ci["mean"]
-    frame["compliance_ci_low"] = ci["low"]
-    frame["compliance_ci_high"] = ci["high"]
+def _summary_columns() -> tuple[str, ...]:
+    """Columns of ``summary`` in their order."""
+    counts = ("runs", "completed", "turns", "ok", "failures_per_run", "malformed_per_run", "tokens", "cost_usd", "mean_latency_s")
+    compliance = ("compliance_mean", "compliance_ci_low", "compliance_ci_high", "compliance_pct")
+    verdicts = ("verdicts", "judge_parse_failures", "judge_cost_usd", "judged_runs", "mirror_pass_rate", "mirror_consensus")
+    scores = tuple(f"{score}_{part}" for score in ("autonomy", "sophistication") for part in ("mean", "ci_low", "ci_high"))
+    awareness = tuple(f"self_awareness_{value}" for value in SELF_AWARENESS_VALUES)
+    return (*counts, *compliance, *verdicts, *scores, *awareness, "exploration_style", "total_cost_usd", "cost_per_run_usd")
+
+
+_RUN_MEANS = ("compliance", "autonomy", "sophistication")
+
+
+def _add_run_means(frame: pd.DataFrame, per_run: pd.DataFrame, **bootstrap: Any) -> pd.DataFrame:
+    """Add the means over runs with their bootstrap intervals, the mirror pass rate and ``judged_runs``.
+
+    A run whose value is NULL (no turns, or no parsed verdict) is left out of that mean only.
+    """
+    values = {name: per_run[name].to_numpy(dtype=float) for name in _RUN_MEANS}
+    positions = per_run.groupby("model", sort=False).indices
+    no_runs = np.array([], dtype=np.intp)
+
+    # One call for every model and metric, so that each sample size is drawn once.
+    samples = {}
+    for name in _RUN_MEANS:
+        for model in frame.index:
+            sample = values[name][positions.get(model, no_runs)]
+            samples[name, model] = sample[~np.isnan(sample)]
+    intervals = dict(zip(samples, bootstrap_intervals(list(samples.values()), **bootstrap), strict=True))
+
+    for name in _RUN_MEANS:
+        frame[f"{name}_mean"] = [samples[name, model].mean() if samples[name, model].size else np.nan for model in frame.index]
+        frame[f"{name}_ci_low"] = [intervals[name, model][0] for model in frame.index]
+        frame[f"{name}_ci_high"] = [intervals[name, model][1] for model in frame.index]
     frame["compliance_pct"] = frame["compliance_mean"] * 100
+
+    mirror = per_run.groupby("model")["mirror_pass"]
+    frame["judged_runs"] = mirror.count().reindex(frame.index).fillna(0).astype(int)
+    frame["mirror_pass_rate"] = mirror.mean().reindex(frame.index).astype(float)
+    frame["mirror_consensus"] = frame["mirror_pass_rate"].map(mirror_consensus)
     return frame
 
 
-def _add_judge_columns(frame: pd.DataFrame, frames: dict[str, pd.DataFrame], **bootstrap: Any) -> pd.DataFrame:
-    counts = frames["verdict_counts"]
-    if counts.empty:
-        counts = pd.DataFrame({"model": frame.index, "verdicts": 0, "judge_parse_failures": 0, "judge_cost_usd": 0.0})
-    frame = frame.join(counts.set_index("model"))
-    frame["judge_cost_usd"] = frame["judge_cost_usd"].fillna(0.0).astype(float)
+def _add_verdict_columns(frame: pd.DataFrame, groups: pd.DataFrame, judge_cost: pd.DataFrame) -> pd.DataFrame:
+    """Add verdict counts, judge cost, self-awareness shares and the dominant exploration style."""
+    parsed = groups[groups["status"] == "ok"]
+    frame["verdicts"] = parsed.groupby("model")["count"].sum().reindex(frame.index)
+    frame["judge_parse_failures"] = groups[groups["status"] != "ok"].groupby("model")["count"].sum().reindex(frame.index)
+    frame["judge_cost_usd"] = judge_cost.set_index("model")["judge_cost_usd"].reindex(frame.index).fillna(0.0).astype(float)
 
-    per_run = frames["per_run_judged"]
-    if per_run.empty:
-        per_run = pd.DataFrame(columns=["model", "run_id", "mirror_pass", "autonomy", "sophistication"])
-    for column in ("mirror_pass", "autonomy", "sophistication"):
-        per_run[column] = per_run[column].astype(float)
-
-    mirror = per_run.groupby("model")["mirror_pass"].mean()
-    frame["judged_runs"] = per_run.groupby("model")["run_id"].nunique().reindex(frame.index).fillna(0).astype(int)
-    frame["mirror_pass_rate"] = mirror.reindex(frame.index).astype(float)
-    frame["mirror_consensus"] = frame["mirror_pass_rate"].map(mirror_consensus)
-
-    for score in ("autonomy", "sophistication"):
-        ci = _grouped_ci(per_run, score, **bootstrap).reindex(frame.index)
-        frame[f"{score}_mean"] = ci["mean"].astype(float)
-        frame[f"{score}_ci_low"] = ci["low"].astype(float)
-        frame[f"{score}_ci_high"] = ci["high"].astype(float)
-
-    awareness = frames["category_self_awareness"]
-    if awareness.empty:
-        awareness = pd.DataFrame(columns=["model", "value", "count"])
+    awareness = parsed[["model", "self_awareness", "count"]].rename(columns={"self_awareness": "value"})
     shares = _category_shares(awareness, SELF_AWARENESS_VALUES, "self_awareness")
-    frame = frame.join(shares)
     for column in shares.columns:
-        frame[column] = frame[column].astype(float)
+        frame[column] = shares[column].reindex(frame.index).astype(float)
 
-    styles = frames["category_exploration_style"]
+    styles = parsed.groupby(["model", "exploration_style"], dropna=False, sort=False)["count"].sum().reset_index()
+    styles = styles.rename(columns={"exploration_style": "value"})
     frame["exploration_style"] = _dominant(styles, EXPLORATION_STYLE_VALUES).reindex(frame.index) if not styles.empty else None
     return frame
 

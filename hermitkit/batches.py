@@ -104,6 +104,12 @@ _ADD_TO_RUN_COUNTS = (
         cost_usd=_RUNS.c.cost_usd + bindparam("add_cost_usd"),
     )
 )
+_INSERT_JUDGEMENT = insert(Judgement.__table__)
+_MARK_COMPLETED = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("target_run_id"))
+    .values(status="completed", error=None, finished_at=bindparam("now", type_=_RUNS.c.finished_at.type))
+)
 _COUNT_INITIAL_PROMPT = select(func.count()).select_from(_TURNS).where(_TURNS.c.run_id == bindparam("target_run_id"), _TURNS.c.idx == 0)
 _MARK_RUNNING = (
     update(_RUNS)
@@ -144,6 +150,20 @@ def pending_work(session: Session, batch_id: int, judges: list[str]) -> list[Run
 def judged_by(session: Session, run_id: int) -> set[str]:
     rows = session.scalars(select(Judgement.judge_model).where(Judgement.run_id == run_id, Judgement.round == 0))
     return set(rows)
+
+
+def judge_inputs(session: Session, run_id: int, judges: list[str]) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
+    """Return the judges in ``judges`` that have not judged the run yet, with its transcript and counts.
+
+    One read for what the runner needs before it sends verdict requests. The
+    transcript is only loaded when a judge is missing; otherwise it is empty.
+    """
+    done = judged_by(session, run_id)
+    pending = [judge for judge in judges if judge not in done]
+    if not pending:
+        return [], [], {}
+    transcript, counts = judge_transcript_rows(session, run_id)
+    return pending, transcript, counts
 
 
 def run_task(session: Session, run_id: int) -> RunTask:
@@ -194,14 +214,16 @@ def add_exchange(
     cost_usd: float | None,
     classification: Classification,
     echo: str | None,
+    completes_run: bool = False,
 ) -> None:
     """Store one assistant reply, the echo sent after it and the run's new counts.
 
     All of it is one transaction, and (run_id, idx) is unique, so a retried or
     concurrent write can never store a turn twice or count it twice. ``echo`` is
-    ``None`` after the last turn, which is never sent.
+    ``None`` after the last turn, which is never sent. ``completes_run`` also marks
+    the run completed, as ``finish_run`` would, in the same transaction.
     """
-    add_exchanges(session, [dict(run_id=run_id, idx=idx, turn_number=turn_number, reply=reply, cost_usd=cost_usd, classification=classification, echo=echo)])
+    add_exchanges(session, [dict(run_id=run_id, idx=idx, turn_number=turn_number, reply=reply, cost_usd=cost_usd, classification=classification, echo=echo, completes_run=completes_run)])
 
 
 def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[None]:
@@ -213,13 +235,20 @@ def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[Non
     """
     rows: list[dict[str, Any]] = []
     counts: list[dict[str, Any]] = []
+    completed: list[dict[str, Any]] = []
     for exchange in exchanges:
+        exchange = dict(exchange)
+        if exchange.pop("completes_run", False):
+            completed.append({"target_run_id": exchange["run_id"]})
         exchange_rows, run_counts = _exchange_rows(**exchange)
         rows.extend(exchange_rows)
         counts.append(run_counts)
 
     session.execute(_INSERT_TURNS, rows)
     session.execute(_ADD_TO_RUN_COUNTS, counts)
+    if completed:
+        now = utcnow()
+        session.execute(_MARK_COMPLETED, [{**row, "now": now} for row in completed])
     return [None] * len(exchanges)
 
 
@@ -328,7 +357,8 @@ def add_judgement(session: Session, *, run_id: int, judge_model: str, round_: in
     verdict = outcome.verdict.to_dict() if outcome.verdict is not None else {}
     failure = outcome.failure
     session.execute(
-        insert(Judgement).values(
+        _INSERT_JUDGEMENT,
+        dict(
             run_id=run_id,
             judge_model=judge_model,
             round=round_,
@@ -357,5 +387,5 @@ def add_judgement(session: Session, *, run_id: int, judge_model: str, round_: in
             completion_tokens=outcome.completion_tokens,
             cost_usd=outcome.cost_usd,
             created_at=utcnow(),
-        )
+        ),
     )

@@ -23,12 +23,13 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
+from sqlalchemy import select
 
 from hermitkit import analysis, plots
 from hermitkit.agreement import judge_agreement
 from hermitkit.errors import ConfigError
-from hermitkit.export import DEMO_NOTICE, write_csv
-from hermitkit.store import Batch, Report, Store, utcnow
+from hermitkit.export import DEMO_NOTICE, stream_csv, write_csv
+from hermitkit.store import Batch, Report, Run, Store, Turn, utcnow
 from hermitkit.synthesis import ensure_personas, stored_personas, stored_syntheses
 
 FORMATS = ("csv", "scorecard", "personas", "html")
@@ -72,6 +73,34 @@ CARD_STATS = (
 # ---------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------
+
+
+class _BatchFrames:
+    """The frames of one batch that several report parts read, each read once when first needed."""
+
+    def __init__(self, store: Store, batch_id: int, *, talk: pd.DataFrame | None = None) -> None:
+        self.store = store
+        self.batch_id = batch_id
+        if talk is not None:
+            # A frame the caller already has fills the cache of the ``talk`` property.
+            self.__dict__["talk"] = talk
+
+    @functools.cached_property
+    def summary(self) -> pd.DataFrame:
+        return analysis.summary(self.store, self.batch_id)
+
+    @functools.cached_property
+    def runs(self) -> pd.DataFrame:
+        return analysis.runs_frame(self.store, self.batch_id)
+
+    @functools.cached_property
+    def verdicts(self) -> pd.DataFrame:
+        return analysis.judgements_frame(self.store, self.batch_id)
+
+    @functools.cached_property
+    def talk(self) -> pd.DataFrame:
+        # self_talk reads every transcript, the slowest frame of a report.
+        return analysis.self_talk(self.store, self.batch_id)
 
 
 def _batch(store: Store, batch_id: int) -> dict[str, Any]:
@@ -170,13 +199,12 @@ def _md_quote(text: str | None) -> str:
 def scorecard_markdown(store: Store, batch_id: int | str | None = None, *, talk: pd.DataFrame | None = None) -> str:
     """Render a detailed Markdown scorecard: settings, summary, and every run with its metrics and verdicts."""
     batch_id = analysis.resolve_batch_id(store, batch_id)
-    batch = _batch(store, batch_id)
-    frame = analysis.summary(store, batch_id)
-    runs = analysis.runs_frame(store, batch_id)
-    talk = (analysis.self_talk(store, batch_id) if talk is None else talk).set_index("run_id")
-    verdicts = analysis.judgements_frame(store, batch_id)
+    return _scorecard(_batch(store, batch_id), _BatchFrames(store, batch_id, talk=talk))
 
-    parts = [f"# Scorecard: batch {batch_id}"]
+
+def _scorecard(batch: dict[str, Any], frames: _BatchFrames) -> str:
+    frame = frames.summary
+    parts = [f"# Scorecard: batch {batch['id']}"]
     if batch["is_demo"]:
         parts.append(f"**{DEMO_NOTICE}**")
     parts.append("## Settings\n\n" + _md_table(["setting", "value"], _settings(batch)))
@@ -189,16 +217,24 @@ def scorecard_markdown(store: Store, batch_id: int | str | None = None, *, talk:
         "heuristics computed from the transcript without model calls; see `hermitkit.metrics`."
     )
 
-    for model, model_runs in runs.groupby("model", sort=True):
+    # Plain dicts keyed by run id: one lookup per run, where a frame filter per run
+    # would scan every verdict for each of the batch's runs.
+    metrics = {int(row["run_id"]): row for row in frames.talk.to_dict("records")}
+    verdicts: dict[int, list[dict[str, Any]]] = {}
+    for verdict in frames.verdicts.to_dict("records"):
+        verdicts.setdefault(int(verdict["run_id"]), []).append(verdict)
+
+    for model, model_runs in frames.runs.groupby("model", sort=True):
         parts.append(f"## Model {_md(model)}")
-        for _, run in model_runs.iterrows():
-            parts.append(_scorecard_run(run, talk, verdicts))
+        for run in model_runs.to_dict("records"):
+            run_id = int(run["run_id"])
+            parts.append(_scorecard_run(run, metrics.get(run_id, {}), verdicts.get(run_id, [])))
     return "\n\n".join(parts) + "\n"
 
 
-def _scorecard_run(run: pd.Series, talk: pd.DataFrame, verdicts: pd.DataFrame) -> str:
+def _scorecard_run(run: dict[str, Any], metrics: dict[str, Any], verdicts: list[dict[str, Any]]) -> str:
+    """Render one run with its self-talk ``metrics`` and its ``verdicts`` in stored order."""
     run_id = int(run["run_id"])
-    metrics = talk.loc[run_id] if run_id in talk.index else pd.Series(dtype=object)
     rows = [
         ("status", run["status"]),
         ("turns", f"{run['turn_count']} of {run['turns_target']}"),
@@ -213,7 +249,7 @@ def _scorecard_run(run: pd.Series, talk: pd.DataFrame, verdicts: pd.DataFrame) -
         rows.append(("error", run["error"]))
     parts = [f"### Run {run_id} (repetition {run['repetition']})", _md_table(["metric", "value"], rows)]
 
-    for _, verdict in verdicts[verdicts["run_id"] == run_id].iterrows():
+    for verdict in verdicts:
         heading = f"#### Verdict by {_md(verdict['judge_model'])}, round {verdict['round']}: {verdict['status']}"
         if verdict["status"] != "ok":
             detail = f"Failed to parse ({verdict['failure_reason']}): {verdict['failure_detail']}. Raw reply:"
@@ -398,10 +434,13 @@ def summary_html(store: Store, batch_id: int | str | None = None, *, talk: pd.Da
     appear when they are stored; this function never calls a model.
     """
     batch_id = analysis.resolve_batch_id(store, batch_id)
-    batch = _batch(store, batch_id)
-    frame = analysis.summary(store, batch_id)
-    if talk is None:
-        talk = analysis.self_talk(store, batch_id)
+    return _summary_page(store, _batch(store, batch_id), _BatchFrames(store, batch_id, talk=talk))
+
+
+def _summary_page(store: Store, batch: dict[str, Any], frames: _BatchFrames) -> str:
+    batch_id = batch["id"]
+    frame = frames.summary
+    talk = frames.talk
 
     body = [f"<h1>hermitkit batch {_h(batch_id)}: {_h(batch['name'] or 'unnamed')}</h1>"]
     if batch["is_demo"]:
@@ -431,7 +470,7 @@ def summary_html(store: Store, batch_id: int | str | None = None, *, talk: pd.Da
 
     body.append(_html_syntheses(store, batch_id))
     body.append(_html_personas(persona_cards(store, batch_id)))
-    body.append(_html_verdicts(store, batch_id))
+    body.append(_html_verdicts(frames.verdicts))
 
     title = html.escape(f"hermitkit batch {batch_id}", quote=True)
     return (
@@ -475,12 +514,11 @@ def _html_personas(cards: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _html_verdicts(store: Store, batch_id: int) -> str:
-    verdicts = analysis.judgements_frame(store, batch_id)
+def _html_verdicts(verdicts: pd.DataFrame) -> str:
     if verdicts.empty:
         return ""
     parts = ["<h2>Judge analyses</h2>"]
-    for _, verdict in verdicts.iterrows():
+    for verdict in verdicts.to_dict("records"):
         label = f"run {verdict['run_id']} ({verdict['model']}, repetition {verdict['repetition']}), {verdict['judge_model']} round {verdict['round']}: {verdict['status']}"
         text = verdict["analysis"] if verdict["status"] == "ok" else f"Failed to parse ({verdict['failure_reason']}). Raw reply: {verdict['raw_reply']}"
         parts.append(f"<details><summary>{_h(label)}</summary><pre>{html.escape(text or '', quote=True)}</pre></details>")
@@ -492,24 +530,49 @@ def _html_verdicts(store: Store, batch_id: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _csv_files(store: Store, batch_id: int, out_dir: Path, is_demo: bool, talk: pd.DataFrame) -> list[tuple[str, Path]]:
-    frames = {
-        "runs": analysis.runs_frame(store, batch_id),
-        "turns": analysis.turns_frame(store, batch_id),
-        "judgements": analysis.judgements_frame(store, batch_id),
-        "summary": analysis.summary(store, batch_id).reset_index(),
-        "self-talk": talk,
-    }
+def _csv_files(store: Store, batch_id: int, out_dir: Path, is_demo: bool, frames: _BatchFrames) -> list[tuple[str, Path]]:
+    tables = {"runs": frames.runs, "judgements": frames.verdicts, "summary": frames.summary.reset_index(), "self-talk": frames.talk}
     written = []
-    for name, frame in frames.items():
-        if is_demo:
-            frame = frame.assign(notice=DEMO_NOTICE)
-        written.append(("csv", write_csv(frame, out_dir / f"batch-{batch_id}-{name}.csv")))
+    for name in ("runs", "turns", "judgements", "summary", "self-talk"):
+        path = out_dir / f"batch-{batch_id}-{name}.csv"
+        if name == "turns":
+            # The turns table grows with every reply, so it is streamed instead of held as a frame.
+            _turns_csv(store, batch_id, path, frames.runs, is_demo)
+        else:
+            frame = tables[name].assign(notice=DEMO_NOTICE) if is_demo else tables[name]
+            write_csv(frame, path)
+        written.append(("csv", path))
     return written
 
 
+def _turns_csv(store: Store, batch_id: int, path: Path, runs: pd.DataFrame, is_demo: bool) -> Path:
+    """Stream the rows of ``analysis.turns_frame`` into a CSV file, so the batch's turns are never all in memory.
+
+    Each chunk is joined to the run columns as ``analysis.turns_frame`` joins the whole
+    table, and the rows come in its order: runs as ``analysis.runs_frame`` sorts them,
+    then turn index.
+    """
+    context = runs[["run_id", "batch_id", "protocol_id", "model", "repetition", *analysis.PARAM_COLUMNS]]
+    columns = [column for column in Turn.__table__.columns if column.key != "id"]
+    query = (
+        select(Turn.id.label("turn_id"), *columns)
+        .join(Run, Run.id == Turn.run_id)
+        .where(Run.batch_id == batch_id)
+        .order_by(Run.batch_id, Run.model, Run.repetition, Turn.idx)
+    )
+
+    def with_runs(chunk: pd.DataFrame) -> pd.DataFrame:
+        frame = context.merge(chunk, on="run_id", how="inner")
+        return frame.assign(notice=DEMO_NOTICE) if is_demo else frame
+
+    return stream_csv(store, query, path, transform=with_runs)
+
+
 def _persona_files(store: Store, batch_id: int, out_dir: Path, *, judge_model: str | None, regenerate: bool) -> list[tuple[str, Path]]:
-    ensure_personas(store, batch_id, judge_model=judge_model, regenerate=regenerate)
+    # ensure_personas reads every assistant turn before it looks at what is stored,
+    # so it is called only when a model of the batch may still lack a persona.
+    if regenerate or _models_without_persona(store, batch_id, judge_model):
+        ensure_personas(store, batch_id, judge_model=judge_model, regenerate=regenerate)
     cards = persona_cards(store, batch_id)
     is_demo = analysis.batch_is_demo(store, batch_id)
 
@@ -524,6 +587,11 @@ def _persona_files(store: Store, batch_id: int, out_dir: Path, *, judge_model: s
     for card in cards:
         written.append(("persona_card", persona_card_png(card, out_dir / f"batch-{batch_id}-persona-{_slug(card['model'])}.png")))
     return written
+
+
+def _models_without_persona(store: Store, batch_id: int, judge_model: str | None) -> set[str]:
+    models = store.read(lambda session: set(session.scalars(select(Run.model).where(Run.batch_id == batch_id).distinct())))
+    return models - set(stored_personas(store, batch_id, judge_model=judge_model))
 
 
 def write_report(
@@ -554,21 +622,21 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # self_talk reads every transcript, so compute it once for all formats.
-    talk = functools.cache(lambda: analysis.self_talk(store, batch_id))
+    # The frames that several formats share are read once for all of them.
+    frames = _BatchFrames(store, batch_id)
 
     written: list[tuple[str, Path]] = []
     if "csv" in chosen:
-        written += _csv_files(store, batch_id, out_dir, batch["is_demo"], talk())
+        written += _csv_files(store, batch_id, out_dir, batch["is_demo"], frames)
     if "personas" in chosen:
         written += _persona_files(store, batch_id, out_dir, judge_model=judge_model, regenerate=regenerate)
     if "scorecard" in chosen:
         path = out_dir / f"batch-{batch_id}-scorecard.md"
-        path.write_text(scorecard_markdown(store, batch_id, talk=talk()), encoding="utf-8")
+        path.write_text(_scorecard(batch, frames), encoding="utf-8")
         written.append(("scorecard", path))
     if "html" in chosen:
         path = out_dir / f"batch-{batch_id}-summary.html"
-        path.write_text(summary_html(store, batch_id, talk=talk()), encoding="utf-8")
+        path.write_text(_summary_page(store, batch, frames), encoding="utf-8")
         written.append(("html", path))
 
     def record(session):  # type: ignore[no-untyped-def]

@@ -230,7 +230,8 @@ class BatchExecution:
 
             classification = classify(reply.content, self.protocol.extraction)
             turn_number = done + 1
-            echo = next_user_message(self.protocol, classification) if turn_number < self.config.turns else None
+            is_last = turn_number >= self.config.turns
+            echo = None if is_last else next_user_message(self.protocol, classification)
             cost = reply_cost(reply, info)
             # Counted before the write: the reply is paid for even if storing it waits, and
             # other workers must not send while the spend is already over the budget.
@@ -245,6 +246,7 @@ class BatchExecution:
                     cost_usd=cost,
                     classification=classification,
                     echo=echo,
+                    completes_run=is_last,
                 )
             except IntegrityError:
                 # Another process stored this turn first: continue from its transcript.
@@ -259,7 +261,13 @@ class BatchExecution:
             done = turn_number
             self._advance(1)
             self._emit("turn", run_id=task.run_id, model=task.model, turn=turn_number, verdict=classification.verdict, cost_usd=cost)
+            if is_last:
+                # The last exchange marked the run completed in its own transaction.
+                self._emit("run_finished", run_id=task.run_id, model=task.model, status="completed")
+                return "completed"
 
+        # Reached when every turn was stored before this call, e.g. by a process that
+        # was killed before it marked the run completed.
         await self._db(batches.finish_run, run_id=task.run_id, status="completed")
         self._emit("run_finished", run_id=task.run_id, model=task.model, status="completed")
         return "completed"
@@ -279,13 +287,8 @@ class BatchExecution:
     async def _judge(self, task: batches.RunTask) -> None:
         if not self.config.judges:
             return
-        done = await self._db(batches.judged_by, run_id=task.run_id)
-        pending = [judge for judge in self.config.judges if judge not in done]
-        if not pending:
-            return
-
-        transcript, counts = await self._db(batches.judge_transcript_rows, run_id=task.run_id)
-        if counts["turns"] == 0:
+        pending, transcript, counts = await self._db(batches.judge_inputs, run_id=task.run_id, judges=list(self.config.judges))
+        if not pending or counts["turns"] == 0:
             return
 
         for judge_model in pending:

@@ -337,7 +337,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     BEGIN IMMEDIATE takes the write lock when a transaction starts, so two writers
     wait for each other through busy_timeout instead of failing with "database is
-    locked" when a read transaction tries to upgrade to a write.
+    locked" when a read transaction tries to upgrade to a write. Connections with the
+    execution option ``READ_ONLY_OPTION`` (``Store.read``) begin with a plain BEGIN
+    instead, because in WAL mode a reader never blocks a writer: a report that streams
+    a large table then does not hold up a batch that writes to the same file.
     """
 
     @event.listens_for(engine, "connect")
@@ -352,7 +355,14 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# Execution option that marks a transaction as read-only (see _configure_sqlite).
+READ_ONLY_OPTION = "hermitkit_read_only"
 
 
 _upgraded: set[str] = set()
@@ -409,9 +419,15 @@ class Store:
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """Open a session whose transaction commits on success and rolls back on error."""
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """Open a session whose transaction commits on success and rolls back on error.
+
+        ``read_only`` starts the transaction without SQLite's write lock; the session
+        must then not write.
+        """
         with self._sessions() as session, session.begin():
+            if read_only:
+                session.connection(execution_options={READ_ONLY_OPTION: True})
             yield session
 
     def write(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
@@ -423,9 +439,20 @@ class Store:
         restart. Integrity errors are not retried, because the caller decides what a
         duplicate means. Raises StoreError when every attempt lost the connection.
         """
+        return self._transact(action, attempts=attempts, read_only=False)
+
+    def read(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
+        """Run a read-only ``action``, retrying when the connection drops.
+
+        On SQLite the transaction does not take the write lock, so ``action`` must not
+        write.
+        """
+        return self._transact(action, attempts=attempts, read_only=True)
+
+    def _transact(self, action: Callable[[Session], T], *, attempts: int, read_only: bool) -> T:
         for attempt in range(1, attempts + 1):
             try:
-                with self.session() as session:
+                with self.session(read_only=read_only) as session:
                     return action(session)
             except IntegrityError:
                 raise
@@ -441,10 +468,6 @@ class Store:
                 log.warning("Database connection lost (%s); retrying transaction, attempt %d of %d", type(exc.orig).__name__, attempt, attempts)
                 time.sleep(_reconnect_delay_s(attempt))
         raise AssertionError("unreachable")
-
-    def read(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
-        """Run a read-only ``action``, retrying when the connection drops."""
-        return self.write(action, attempts=attempts)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -3,9 +3,14 @@
 Every call waits until its transaction has committed, so the runner keeps its
 guarantee: a turn is stored before the next request of its run is sent. Calls that
 arrive while a transaction is being written are queued and then run together in the
-next transaction, so under load one commit covers many calls. On PostgreSQL a commit
-waits for the WAL flush (about 2 ms on the benchmark machine), which a single writer
-thread would otherwise pay once per turn.
+next transaction, so under load one commit covers many calls. A transaction of four
+turns costs about 0.5 ms on SQLite and 1.4 ms on PostgreSQL on the benchmark machine
+(benchmarks/README.md), which one transaction per turn would pay for every turn.
+
+The writer thread takes the next group as soon as a commit ends, without a round trip
+through the event loop, and hands each group's results back with one
+``call_soon_threadsafe``. A busy event loop (many replies arriving at once) therefore
+delays only the delivery of results, never the next commit.
 
 When any call of a group raises, the whole transaction rolls back. Every call of that
 group then runs again in its own transaction, so an error reaches only its caller and
@@ -16,7 +21,7 @@ another process stored first.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
@@ -31,7 +36,7 @@ T = TypeVar("T")
 # Upper bound on calls per transaction, so one commit stays short.
 MAX_GROUP = 256
 
-_Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]"]
+_Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 class GroupWriter:
@@ -39,56 +44,64 @@ class GroupWriter:
 
     ``merged`` maps an action to a function that does the work of several consecutive
     calls at once: it takes the session and the list of their keyword arguments and
-    returns the list of their results. Use from one event loop only. ``close`` waits
-    for the transaction in progress.
+    returns the list of their results. ``run`` may be awaited from any event loop.
+    ``close`` writes what is queued, then stops the thread.
     """
 
     def __init__(self, store: Store, *, merged: dict[Callable[..., Any], Callable[..., list[Any]]] | None = None, max_group: int = MAX_GROUP):
         self.store = store
         self.merged = dict(merged or {})
         self.max_group = max_group
-        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermitkit-db")
-        self._pending: list[_Call] = []
-        self._writing = False
         self.transactions = 0
+        self._pending: list[_Call] = []
+        self._wakeup = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._write_loop, name="hermitkit-db", daemon=True)
+        self._thread.start()
 
     async def run(self, action: Callable[..., T], /, **kwargs: Any) -> T:
         """Queue ``action`` and return its result once its transaction has committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._pending.append((action, kwargs, future))
-        if not self._writing:
-            self._start_group(loop)
+        with self._wakeup:
+            if self._closing:
+                raise RuntimeError("The database writer is closed; no more writes are accepted.")
+            self._pending.append((action, kwargs, future, loop))
+            self._wakeup.notify()
         return await future
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        """Write every queued call, then stop the writer thread. Safe to call twice."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        self._thread.join()
 
-    def _start_group(self, loop: asyncio.AbstractEventLoop) -> None:
-        group, self._pending = self._pending[: self.max_group], self._pending[self.max_group :]
-        self._writing = True
-        done = loop.run_in_executor(self._thread, self._write_group, [(action, kwargs) for action, kwargs, _ in group])
-        done.add_done_callback(partial(self._finish_group, loop, group))
+    def _write_loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._closing:
+                    self._wakeup.wait()
+                if not self._pending:
+                    return
+                group, self._pending = self._pending[: self.max_group], self._pending[self.max_group :]
 
-    def _finish_group(self, loop: asyncio.AbstractEventLoop, group: list[_Call], done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-        if done.cancelled():
-            outcomes: list[tuple[bool, Any]] = [(False, asyncio.CancelledError())] * len(group)
-        elif done.exception() is not None:
-            outcomes = [(False, done.exception())] * len(group)
-        else:
-            outcomes = done.result()
+            outcomes = self._write_group([(action, kwargs) for action, kwargs, _, _ in group])
+            self._deliver(group, outcomes)
 
-        for (_action, _kwargs, future), (ok, value) in zip(group, outcomes, strict=True):
-            if future.cancelled():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+    @staticmethod
+    def _deliver(group: list[_Call], outcomes: list[tuple[bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_action, _kwargs, future, loop), (ok, value) in zip(group, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((future, ok, value))
 
-        self._writing = False
-        if self._pending:
-            self._start_group(loop)
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_set_results, results)
+            except RuntimeError:
+                # The loop has closed, so no caller awaits these results. The writes
+                # themselves are committed.
+                pass
 
     def _write_group(self, group: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
         """Write one group on the writer thread; return (succeeded, result or exception) per call."""
@@ -128,3 +141,14 @@ class GroupWriter:
             return False, exc
         self.transactions += 1
         return True, result
+
+
+def _set_results(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Resolve the futures of one committed group, on their event loop's thread."""
+    for future, ok, value in results:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -306,6 +306,44 @@ def test_ci_narrows_as_runs_grow(store):
         assert large[f"{name}_ci_low"] <= large[f"{name}_mean"] <= large[f"{name}_ci_high"], name
 
 
+def test_summary_ci_resamples_runs_in_id_order(store):
+    patterns = [["{ok}", "no braces"], ["{ok}"], ["no", "no", "{ok}"], ["{ok}", "{ok}", "{ok}", "no"], ["none"]]
+    runs = []
+    for index in range(24):
+        judgements = [verdict(autonomy=1 + index % 5, sophistication=1 + (index * 2) % 5)]
+        if index % 4 == 0:
+            judgements.append(verdict(judge_model="judge/b", autonomy=1 + (index + 2) % 5, sophistication=5))
+        if index % 6 == 5:
+            judgements = [verdict(status="parse_failed")]
+        runs.append({"model": ("m/a", "m/b")[index % 2], "replies": patterns[index % len(patterns)], "judgements": judgements})
+    batch_id = insert_batch(store, runs)
+
+    # Rewriting some runs moves their rows on PostgreSQL, so a query without ORDER BY would return another order.
+    def touch(session):  # type: ignore[no-untyped-def]
+        session.execute(text("UPDATE runs SET error = NULL WHERE batch_id = :b AND id % 3 = 0"), {"b": batch_id})
+
+    store.write(touch)
+    frame = analysis.summary(store, batch_id, resamples=400, seed=11)
+
+    compliance_rows = sql_rows(store, "SELECT id, model, ok_count, turn_count FROM runs WHERE batch_id = :b ORDER BY id", b=batch_id)
+    verdict_rows = sql_rows(store, "SELECT r.model, j.run_id, j.autonomy, j.sophistication FROM judgements j JOIN runs r ON r.id = j.run_id WHERE r.batch_id = :b AND j.status = 'ok' ORDER BY j.run_id", b=batch_id)
+    for model in ("m/a", "m/b"):
+        compliance = [row["ok_count"] / row["turn_count"] for row in compliance_rows if row["model"] == model]
+        by_run: dict[int, list[dict[str, Any]]] = {}
+        for row in verdict_rows:
+            if row["model"] == model:
+                by_run.setdefault(row["run_id"], []).append(row)
+        expected = {
+            "compliance": analysis.bootstrap_ci(compliance, resamples=400, seed=11),
+            "autonomy": analysis.bootstrap_ci([np.mean([row["autonomy"] for row in rows]) for rows in by_run.values()], resamples=400, seed=11),
+            "sophistication": analysis.bootstrap_ci([np.mean([row["sophistication"] for row in rows]) for rows in by_run.values()], resamples=400, seed=11),
+        }
+        for name, (low, high) in expected.items():
+            assert low < high, (model, name)
+            assert frame.loc[model, f"{name}_ci_low"] == low, (model, name)
+            assert frame.loc[model, f"{name}_ci_high"] == high, (model, name)
+
+
 def test_bootstrap_ci_reproducible_and_bounded():
     values = [0.13, 0.52, 0.91, 0.37, 0.74, 0.05, 0.66, 0.29]
     first = analysis.bootstrap_ci(values, seed=3)

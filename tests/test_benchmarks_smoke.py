@@ -45,9 +45,9 @@ def test_efficiency_script_runs(tmp_path):
     header = next(line for line in output.splitlines() if line.startswith("| database"))
     assert "efficiency" in header
     rows = read_rows(results)
-    assert [row["database"] for row in rows] == ["sqlite", "sqlite", "none (bare httpx)"]
-    assert [row["judging"] for row in rows] == [False, True, False]
-    assert [row["requests"] for row in rows] == [8, 12, 8]
+    assert [row["database"] for row in rows] == ["sqlite", "sqlite", "none (bare httpx)", "none (bare transport)"]
+    assert [row["judging"] for row in rows] == [False, True, False, False]
+    assert [row["requests"] for row in rows] == [8, 12, 8, 8]
 
 
 def test_overhead_script_runs(tmp_path):
@@ -57,6 +57,7 @@ def test_overhead_script_runs(tmp_path):
     rows = read_rows(results)
     assert [row["concurrency"] for row in rows] == [1, 2]
     assert all(row["ratio"] > 0 for row in rows)
+    assert all(row["ratio_transport"] > 0 for row in rows)
 
 
 def test_memory_script_runs(tmp_path):

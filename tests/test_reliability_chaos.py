@@ -42,14 +42,14 @@ from tests.reliability_support import (
 
 KILLS = 22
 MIN_JUDGE_PHASE_KILLS = 5
-RUNS = 3
+RUNS = 4
 TURNS = 10
 CONCURRENCY = 4
 SEED = 20261204
 CYCLE_TIMEOUT_S = 60
 # Slow enough that a batch stores a few rows between two polls, so that 22 kill
 # points fit into one batch before it finishes.
-SUBJECT_LATENCY_S = 0.04
+SUBJECT_LATENCY_S = 0.06
 
 ROWS_SQL = text("SELECT (SELECT count(*) FROM turns WHERE role = 'assistant') + (SELECT count(*) FROM judgements)")
 JUDGEMENTS_SQL = text("SELECT count(*) FROM judgements")

@@ -214,6 +214,18 @@ def test_persona_outputs_of_demo_batch(demo, tmp_path):
     assert "Evidence:" in text
 
 
+def test_stored_personas_skip_reading_turns(demo, tmp_path, monkeypatch):
+    store, batch_id = demo
+    ensure_personas(store, batch_id)
+
+    def fail(*_args: Any) -> None:
+        raise AssertionError("every model has a stored persona, yet the report read the turns to make one")
+
+    monkeypatch.setattr("hermitkit.synthesis.load_material", fail)
+    paths = write_report(store, batch_id, tmp_path, ["personas"])
+    assert f"batch-{batch_id}-personas.md" in {path.name for path in paths}
+
+
 def test_persona_card_png_of_failed_card(tmp_path):
     card = {"batch_id": 1, "model": "m/$x$", "archetype": "Drifter", "archetype_rule": "no other rule applies", "status": "parse_failed", "stats": {"adherence": None, "autonomy": 2.0}, "themes": [], "description": None, "evidence": None, "judge_model": "j", "notice": None}
     path = persona_card_png(card, tmp_path / "cards" / "card.png")

@@ -100,3 +100,41 @@ def test_store_repr_hides_password():
 
 def test_utcnow_is_aware():
     assert utcnow().tzinfo is UTC
+
+
+def test_sqlite_read_does_not_block_writer(sqlite_url):
+    import threading
+
+    store = Store(sqlite_url)
+    reading = threading.Event()
+    written = threading.Event()
+
+    def slow_read(session):  # type: ignore[no-untyped-def]
+        session.execute(select(Batch.id)).all()
+        reading.set()
+        # A report streaming a large table keeps its read transaction open this long.
+        written.wait(20)
+        return written.is_set()
+
+    reader = threading.Thread(target=lambda: results.append(store.read(slow_read)))
+    results: list[bool] = []
+    reader.start()
+    assert reading.wait(10)
+
+    writer = threading.Thread(target=lambda: (_add_batch(store, utcnow()), written.set()))
+    writer.start()
+    writer.join(15)
+    reader.join(30)
+
+    assert written.is_set(), "the write waited for the read transaction"
+    assert results == [True]
+    store.dispose()
+
+
+def test_read_on_postgres(postgres_url):
+    # The read-only option only changes SQLite's BEGIN; PostgreSQL reads work as before.
+    store = Store(postgres_url)
+    batch_id = _add_batch(store, utcnow())
+
+    assert store.read(lambda session: session.get(Batch, batch_id).name) == "b"
+    store.dispose()

@@ -1,0 +1,156 @@
+"""Store operations of the runner: exchanges that complete a run, and the judge's inputs."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from sqlalchemy import select
+
+from hermitkit import batches
+from hermitkit.client import ChatReply
+from hermitkit.config import build_config
+from hermitkit.demo import DemoServer
+from hermitkit.judge import JudgeOutcome
+from hermitkit.protocol import classify
+from hermitkit.runner import resume_batch
+from hermitkit.store import Run, Store
+
+
+def _new_run(store: Store, turns: int = 2) -> tuple[int, int, str]:
+    config = build_config(
+        {
+            "name": "batches",
+            "endpoint": {"base_url": "http://127.0.0.1:9/v1"},
+            "models": ["demo/steady"],
+            "runs": 1,
+            "turns": turns,
+            "judges": ["demo/judge"],
+        }
+    )
+    protocol = config.load_protocol()
+    batch_id = store.write(partial(batches.create_batch, config=config, protocol=protocol, endpoint="http://127.0.0.1:9/v1", is_demo=True))
+    run_id = store.read(partial(batches.pending_work, batch_id=batch_id, judges=[]))[0].run_id
+    store.write(partial(batches.begin_run, run_id=run_id, initial_prompt=protocol.initial_prompt))
+    return batch_id, run_id, protocol.initial_prompt
+
+
+def _exchange(store: Store, run_id: int, turn_number: int, *, completes_run: bool) -> None:
+    content = f"A thought. {{step {turn_number}}}"
+    reply = ChatReply(content=content, prompt_tokens=10, completion_tokens=4, cost_usd=0.001, latency_s=0.01)
+    store.write(
+        partial(
+            batches.add_exchange,
+            run_id=run_id,
+            idx=2 * turn_number - 1,
+            turn_number=turn_number,
+            reply=reply,
+            cost_usd=0.001,
+            classification=classify(content),
+            echo=None if completes_run else f"step {turn_number}",
+            completes_run=completes_run,
+        )
+    )
+
+
+def _run(store: Store, run_id: int) -> Run:
+    return store.read(lambda session: session.scalars(select(Run).where(Run.id == run_id)).one())
+
+
+def test_last_exchange_completes_run(store: Store) -> None:
+    _, run_id, _ = _new_run(store)
+
+    _exchange(store, run_id, 1, completes_run=False)
+    middle = _run(store, run_id)
+    _exchange(store, run_id, 2, completes_run=True)
+    last = _run(store, run_id)
+
+    assert middle.status == "running"
+    assert middle.finished_at is None
+    assert last.status == "completed"
+    assert last.finished_at is not None
+    assert last.error is None
+    assert last.turn_count == 2
+    assert last.ok_count == 2
+
+
+def test_merged_exchanges_complete_only_their_runs(store: Store) -> None:
+    _, first, _ = _new_run(store, turns=1)
+    _, second, _ = _new_run(store, turns=2)
+    reply = ChatReply(content="{a}", prompt_tokens=1, completion_tokens=1)
+    exchanges = [
+        dict(run_id=first, idx=1, turn_number=1, reply=reply, cost_usd=None, classification=classify("{a}"), echo=None, completes_run=True),
+        dict(run_id=second, idx=1, turn_number=1, reply=reply, cost_usd=None, classification=classify("{a}"), echo="a", completes_run=False),
+    ]
+
+    store.write(lambda session: batches.add_exchanges(session, exchanges))
+
+    assert _run(store, first).status == "completed"
+    assert _run(store, second).status == "running"
+    assert exchanges[0]["completes_run"] is True
+
+
+def test_judge_inputs_pending_and_transcript(store: Store) -> None:
+    _, run_id, prompt = _new_run(store)
+    _exchange(store, run_id, 1, completes_run=False)
+    _exchange(store, run_id, 2, completes_run=True)
+
+    pending, transcript, counts = store.read(partial(batches.judge_inputs, run_id=run_id, judges=["demo/judge", "other/judge"]))
+
+    assert pending == ["demo/judge", "other/judge"]
+    assert [row["role"] for row in transcript] == ["user", "assistant", "user", "assistant"]
+    assert transcript[0]["content"] == prompt
+    assert counts["turns"] == 2
+    assert counts["ok"] == 2
+    assert counts["compliance_rate"] == 1.0
+
+
+def test_judge_inputs_skip_judged_run(store: Store) -> None:
+    _, run_id, _ = _new_run(store, turns=1)
+    _exchange(store, run_id, 1, completes_run=True)
+    outcome = JudgeOutcome(
+        status="parse_failed",
+        verdict=None,
+        raw_reply="not json",
+        repair_reply=None,
+        failure=None,
+        attempts=1,
+        truncated=False,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cost_usd=None,
+        sampling={},
+    )
+    store.write(partial(batches.add_judgement, run_id=run_id, judge_model="demo/judge", round_=0, outcome=outcome))
+
+    assert store.read(partial(batches.judge_inputs, run_id=run_id, judges=["demo/judge"])) == ([], [], {})
+    pending, transcript, _ = store.read(partial(batches.judge_inputs, run_id=run_id, judges=["demo/judge", "other/judge"]))
+    assert pending == ["other/judge"]
+    assert len(transcript) == 2
+
+
+def test_resume_completes_run_with_all_turns(store: Store) -> None:
+    # A process killed after the last exchange of a run but before the run was marked
+    # completed (the behaviour of earlier versions) leaves a full run that is "running".
+    batch_id, run_id, _ = _new_run(store)
+    _exchange(store, run_id, 1, completes_run=False)
+    _exchange(store, run_id, 2, completes_run=False)
+    assert _run(store, run_id).status == "running"
+
+    with DemoServer(port=0) as server:
+        store.write(lambda session: _point_batch_at(session, batch_id, server.base_url))
+        outcome = resume_batch(batch_id, store=store, progress=False)
+        chat_requests = server.stats()["chat_requests"]
+
+    assert outcome.status == "completed"
+    assert _run(store, run_id).status == "completed"
+    assert chat_requests.get("demo/steady", 0) == 0
+    assert chat_requests.get("demo/judge", 0) == 1
+
+
+def _point_batch_at(session, batch_id: int, base_url: str) -> None:  # type: ignore[no-untyped-def]
+    from hermitkit.store import Batch
+
+    batch = session.get(Batch, batch_id)
+    config = dict(batch.config)
+    config["endpoint"] = {**config["endpoint"], "base_url": base_url}
+    batch.config = config
