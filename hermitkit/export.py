@@ -49,6 +49,12 @@ def _json_cell(value: Any) -> Any:
     return value
 
 
+# RFC 4180 line ends. Python's csv writer quotes a cell that contains any character of
+# the line terminator, so with "\r\n" a bare CR in model output is quoted too. With "\n"
+# alone it was written unquoted, and readers started a new row at the CR.
+CSV_LINE_TERMINATOR = "\r\n"
+
+
 def safe_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Return a copy of ``frame`` with list and dict cells as JSON and formula-like text neutralised.
 
@@ -76,7 +82,7 @@ def _safe_cells(series: pd.Series) -> list[Any]:
 
 def write_csv(frame: pd.DataFrame, path: Path, *, index: bool = False) -> Path:
     """Write ``frame`` as UTF-8 CSV after ``safe_csv_frame``; quoted cells keep newlines, commas and quotes."""
-    safe_csv_frame(frame).to_csv(path, index=index, encoding="utf-8")
+    safe_csv_frame(frame).to_csv(path, index=index, encoding="utf-8", lineterminator=CSV_LINE_TERMINATOR)
     return path
 
 
@@ -250,10 +256,10 @@ def stream_csv(store: Store, query: Select[Any], path: Path, *, transform: Trans
             for chunk in frame_chunks(session, query, formats, chunk_rows=chunk_rows):
                 frame = _timestamps_as_text(step(chunk), formats)
                 # One write per chunk: pandas writing row by row into the file costs more.
-                handle.write(safe_csv_frame(frame).to_csv(index=False, header=header))
+                handle.write(safe_csv_frame(frame).to_csv(index=False, header=header, lineterminator=CSV_LINE_TERMINATOR))
                 header = False
             if header:
-                handle.write(safe_csv_frame(step(_empty_frame(query))).to_csv(index=False))
+                handle.write(safe_csv_frame(step(_empty_frame(query))).to_csv(index=False, lineterminator=CSV_LINE_TERMINATOR))
         return path
 
     return store.read(write)
