@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import emit, kind_of_url, machine_info, print_table
+from sqlalchemy.engine import make_url
 
 PLAIN_RUNS = """
 SELECT model, count(*), sum(turn_count), sum(ok_count), avg(missing_count + empty_count), sum(cost_usd)
@@ -46,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", required=True, help="Database URL printed by generate_store.py.")
     parser.add_argument("--batch-id", type=int, default=None, help="Batch to analyse (default: the newest).")
     parser.add_argument("--repeat", type=int, default=3, help="Children per measurement; the minimum time is kept (default: %(default)s).")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated subset of: %(default)s.")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks to run, from: %(default)s (default: all).")
     parser.add_argument("--json", type=Path, default=None, help="Append results as JSON lines to this file.")
     return parser.parse_args()
 
@@ -88,9 +89,24 @@ def measure(task: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "analysis", "database": kind_of_url(args.url), "task": task, "seconds": min(times), "peak_rss_mib": max(peaks), "rows": rows, "all_seconds": times}
 
 
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Return the requested tasks, or exit with a message before any child process starts."""
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks {args.tasks!r} is invalid: use a comma-separated subset of {', '.join(TASKS)}.")
+
+    if kind_of_url(args.url) == "sqlite":
+        path = make_url(args.url).database or ""
+        if not Path(path).expanduser().is_file():
+            raise SystemExit(f"No SQLite store at {path!r}: write one first with `python benchmarks/generate_store.py --database sqlite --path {path}`.")
+    return tasks
+
+
 def main() -> None:
     args = parse_args()
-    results = [measure(task.strip(), args) for task in args.tasks.split(",") if task.strip()]
+    tasks = check_args(args)
+    results = [measure(task, args) for task in tasks]
 
     baseline = {row["task"]: row["seconds"] for row in results}
     for row in results:

@@ -1,6 +1,6 @@
-"""Overhead per turn: hermitkit's turn loop against a bare httpx loop.
+"""Overhead per turn: hermitkit's turn loop against bare request loops that store nothing.
 
-Both loops run in this process against the same demo server (a separate process, no
+All loops run in this process against the same demo server (a separate process, no
 added latency) and send the same request bodies. The bare loop replays the requests
 that hermitkit's batch sent, rebuilt from the stored transcripts before timing starts.
 

@@ -87,6 +87,28 @@ def test_analysis_script_runs(small_store, tmp_path):
     assert rows["self_talk"]["rows"] == 4
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--tasks", "sumary"], "--tasks 'sumary' is invalid"),
+        (["--url", "sqlite:////nonexistent/hermitkit/store.db"], "generate_store.py"),
+    ],
+)
+def test_analysis_script_rejects_bad_arguments(small_store, arguments, message):
+    url = [] if "--url" in arguments else ["--url", small_store]
+    finished = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_analysis.py"), *url, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=BENCHMARKS.parent,
+    )
+
+    assert finished.returncode != 0
+    assert message in finished.stderr
+
+
 def test_reports_script_runs(small_store, tmp_path):
     results = tmp_path / "results.jsonl"
     run_script("bench_reports.py", "--url", small_store, "--repeat", "1", "--json", str(results))
