@@ -342,8 +342,9 @@ def report(batch_id: str, formats: tuple[str, ...], out_dir: Path | None, judge_
 @click.argument("batch_id", type=BATCH_ID)
 @click.option("--judge", "judge_model", required=True, help="Judge model id (e.g. openai/gpt-4o-mini) whose verdicts are stored beside the existing ones.")
 @click.option("--only-missing", is_flag=True, help="Judge only runs that have no verdict from this judge yet.")
+@click.option("--budget-usd", type=float, default=None, help="Stop sending verdict requests once this pass has cost this many US dollars. Requests in flight still finish.")
 @database_option
-def judge(batch_id: str, judge_model: str, only_missing: bool, database_url: str | None) -> None:
+def judge(batch_id: str, judge_model: str, only_missing: bool, budget_usd: float | None, database_url: str | None) -> None:
     """Judge the finished runs of a stored batch again, without generating them again.
 
     BATCH_ID is a number or 'latest'. The judge's sampling settings come from the
@@ -352,9 +353,11 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, database_url: str
     from hermitkit.analysis import resolve_batch_id, summary
     from hermitkit.rejudge import rejudge_batch
 
+    if budget_usd is not None and not budget_usd > 0:
+        raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
     store = _store(database_url)
     resolved = resolve_batch_id(store, batch_id)
-    outcome = rejudge_batch(store, resolved, judge_model, only_missing=only_missing)
+    outcome = rejudge_batch(store, resolved, judge_model, only_missing=only_missing, budget_usd=budget_usd)
     click.echo(f"Batch {resolved}: stored {outcome.judged} verdict(s) from {printable(judge_model)}, {outcome.parse_failures} failed to parse, cost ${outcome.cost_usd:.4f}.")
     if outcome.skipped:
         click.echo(f"Skipped {len(outcome.skipped)} unfinished run(s): {', '.join(map(str, outcome.skipped))}.")
@@ -370,6 +373,13 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, database_url: str
         for run_id, error in sorted(outcome.errors.items()):
             click.secho(f"Run {run_id}: {printable(error)}", fg="red", err=True)
         click.echo(f"{len(outcome.errors)} run(s) got no verdict because the judge request failed; run the command again with --only-missing to judge just those.")
+    if outcome.over_budget:
+        click.echo(
+            f"The budget of ${budget_usd:.4f} is spent (${outcome.cost_usd:.4f}): {len(outcome.over_budget)} run(s) were not judged. "
+            "Run the command again with a higher --budget-usd; for a judge that had not judged this batch before, "
+            "--only-missing judges just the runs that are left."
+        )
+    if outcome.errors or outcome.over_budget:
         sys.exit(1)
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from hermitkit import batches
 from hermitkit.errors import (
     AuthenticationError,
+    ConfigError,
     ContextLengthError,
     InsufficientCreditsError,
     ProviderError,
@@ -40,6 +41,8 @@ class RejudgeOutcome:
     errors: dict[int, str] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)
     cost_usd: float = 0.0
+    # Finished runs left unjudged because the budget was spent.
+    over_budget: list[int] = field(default_factory=list)
 
 
 def _finished_runs(session: Any, batch_id: int, judge_model: str, only_missing: bool) -> tuple[list[int], list[int]]:
@@ -52,7 +55,15 @@ def _finished_runs(session: Any, batch_id: int, judge_model: str, only_missing: 
     return ready, skipped
 
 
-async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, only_missing: bool = False, concurrency: int | None = None) -> RejudgeOutcome:
+async def rejudge_batch_async(
+    store: Store,
+    batch_id: int,
+    judge_model: str,
+    *,
+    only_missing: bool = False,
+    concurrency: int | None = None,
+    budget_usd: float | None = None,
+) -> RejudgeOutcome:
     """Judge every finished run of a batch with ``judge_model`` and store the verdicts.
 
     With ``only_missing=True`` only runs without any verdict from ``judge_model`` are
@@ -60,9 +71,16 @@ async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, 
     turns) are skipped and listed in ``skipped``. A provider
     error on one run is logged and recorded in ``errors``; authentication and credit
     errors stop the pass and propagate.
+
+    ``budget_usd`` stops sending once the verdicts of this pass have cost that much;
+    the runs left are listed in ``over_budget``. Requests already in flight finish and
+    are stored, so the pass can cost up to ``concurrency`` verdicts more than the budget.
     """
     from hermitkit.providers import ProviderSet
     from hermitkit.runner import load_batch
+
+    if budget_usd is not None and not budget_usd > 0:
+        raise ConfigError(f"budget_usd={budget_usd} is invalid: give a positive amount in US dollars.")
 
     config, protocol, _batch = await asyncio.to_thread(load_batch, store, batch_id)
     ready, skipped = await asyncio.to_thread(store.read, partial(_finished_runs, batch_id=batch_id, judge_model=judge_model, only_missing=only_missing))
@@ -79,9 +97,19 @@ async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, 
         provider = providers.for_model(judge_model)
         slots = asyncio.Semaphore(concurrency or config.concurrency)
 
+        def budget_spent() -> bool:
+            return budget_usd is not None and outcome.cost_usd >= budget_usd
+
         async def judge_one(run_id: int) -> None:
+            if budget_spent():
+                outcome.over_budget.append(run_id)
+                return
             transcript, counts = await asyncio.to_thread(store.read, partial(batches.judge_transcript_rows, run_id=run_id))
             async with slots:
+                # Checked again after the wait for a slot, when other verdicts may have spent the budget.
+                if budget_spent():
+                    outcome.over_budget.append(run_id)
+                    return
                 try:
                     result = await judge_transcript(
                         provider,
@@ -96,10 +124,11 @@ async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, 
                     )
                 except ContextLengthError as exc:
                     result = JudgeOutcome("context_exhausted", None, None, None, ParseFailure("context_length", str(exc)), 1, False, None, None, None, config.judge_sampling())
+                # Counted before the slot is released, so that the next budget check includes it.
+                outcome.cost_usd += result.cost_usd or 0.0
             await asyncio.to_thread(store.write, partial(_store_verdict, run_id=run_id, judge_model=judge_model, outcome=result))
             outcome.judged += 1
             outcome.parse_failures += result.status != "ok"
-            outcome.cost_usd += result.cost_usd or 0.0
 
         async def guarded(run_id: int) -> None:
             try:
@@ -113,6 +142,7 @@ async def rejudge_batch_async(store: Store, batch_id: int, judge_model: str, *, 
         await asyncio.gather(*(guarded(run_id) for run_id in ready))
     finally:
         await providers.close()
+    outcome.over_budget.sort()
     return outcome
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sqlalchemy import text
 
 from hermitkit.agreement import (
     alpha,
@@ -134,4 +135,33 @@ def test_rejudged_demo_batch_agrees_with_itself(sqlite_url):
     # the scripted judge is deterministic, so both rounds agree on every item
     assert frame.loc["autonomy", "alpha"] == pytest.approx(1.0)
     assert disagreements(store, batch_id).empty
+    store.dispose()
+
+
+def test_rejudge_budget_leaves_rest_unjudged(sqlite_url):
+    from hermitkit.store import Store
+
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady", "demo/confused"], runs=2, turns=2)
+
+    # One request at a time, so exactly the first verdict is paid before the budget is spent.
+    outcome = rejudge_batch(store, batch_id, "demo/judge", concurrency=1, budget_usd=1e-12)
+
+    assert outcome.judged == 1
+    assert outcome.cost_usd > 1e-12
+    assert len(outcome.over_budget) == 3
+    rounds = store.read(lambda session: session.execute(text("SELECT count(*) FROM judgements WHERE round = 1")).scalar())
+    assert rounds == 1
+    store.dispose()
+
+
+def test_rejudge_rejects_bad_budget(sqlite_url):
+    from hermitkit.errors import ConfigError
+    from hermitkit.store import Store
+
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady"], runs=1, turns=2)
+
+    with pytest.raises(ConfigError, match="budget_usd=-1.0 is invalid"):
+        rejudge_batch(store, batch_id, "demo/judge", budget_usd=-1.0)
     store.dispose()

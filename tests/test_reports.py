@@ -294,3 +294,34 @@ def test_cli_judge_unknown_model(sqlite_url):
     assert result.exit_code == 2
     assert "demo/nobody" in result.output
     store.dispose()
+
+
+def test_cli_judge_stops_at_budget(sqlite_url):
+    store = Store(sqlite_url)
+    # The judge pass uses the batch's concurrency: with one request at a time, exactly
+    # the first verdict is paid before the budget is spent.
+    batch_id = run_demo_batch(store, models=["demo/steady", "demo/wanderer"], runs=3, turns=2, concurrency=1)
+    before = store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement)))
+
+    result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--budget-usd", "0.000000001", "--database-url", sqlite_url])
+
+    assert result.exit_code == 1, result.output
+    assert "The budget of $0.0000 is spent" in result.output
+    assert "stored 1 verdict(s)" in result.output
+    assert "5 run(s) were not judged" in result.output
+    after = store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement)))
+    assert after - before == 1
+    store.dispose()
+
+
+def test_cli_judge_rejects_bad_budget(sqlite_url):
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady"], runs=1, turns=2)
+    before = store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement)))
+
+    result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--budget-usd", "0", "--database-url", sqlite_url])
+
+    assert result.exit_code == 2
+    assert "--budget-usd 0.0 is invalid" in result.output
+    assert store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement))) == before
+    store.dispose()
