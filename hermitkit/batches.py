@@ -227,10 +227,11 @@ def add_exchange(
 
 
 def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[None]:
-    """Store several exchanges (keyword arguments of ``add_exchange``) with two statements.
+    """Store several exchanges (keyword arguments of ``add_exchange``) with two or three statements.
 
     One executemany inserts every turn row and one updates every run's counts, so a
-    group of exchanges costs two round trips to the database instead of two each.
+    group of exchanges costs two round trips to the database instead of two each. A
+    third executemany marks the runs completed whose exchange has ``completes_run``.
     The exchanges must belong to different runs.
     """
     rows: list[dict[str, Any]] = []

@@ -26,8 +26,9 @@ from hermitkit.http_backend import AsyncioBackend
 # below 4 the shards add bookkeeping without saving anything.
 SHARD_CONNECTIONS = 8
 
-# httpcore's exceptions and the httpx exceptions that callers catch. Subclasses come
-# before their bases, so the first match is the most specific one.
+# httpcore's exceptions and the httpx exceptions that callers catch. httpx keeps its own
+# map private (httpx._transports.default), so this transport carries one. Subclasses
+# come before their bases, so the first match is the most specific one.
 _EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
     (httpcore.ReadTimeout, httpx.ReadTimeout),

@@ -266,8 +266,8 @@ class BatchExecution:
                 self._emit("run_finished", run_id=task.run_id, model=task.model, status="completed")
                 return "completed"
 
-        # Reached when every turn was stored before this call, e.g. by a process that
-        # was killed before it marked the run completed.
+        # Reached when the last turn was stored elsewhere: by a process killed before it
+        # marked the run completed, or by another process (the IntegrityError branch).
         await self._db(batches.finish_run, run_id=task.run_id, status="completed")
         self._emit("run_finished", run_id=task.run_id, model=task.model, status="completed")
         return "completed"

@@ -339,8 +339,10 @@ def _configure_sqlite(engine: Engine) -> None:
     wait for each other through busy_timeout instead of failing with "database is
     locked" when a read transaction tries to upgrade to a write. Connections with the
     execution option ``READ_ONLY_OPTION`` (``Store.read``) begin with a plain BEGIN
-    instead, because in WAL mode a reader never blocks a writer: a report that streams
-    a large table then does not hold up a batch that writes to the same file.
+    instead. In WAL mode readers do not block writers (https://www.sqlite.org/wal.html),
+    so a report that streams a large table does not hold up a batch on the same file.
+    The WAL file can only be checkpointed up to the oldest open read, so it grows
+    while such a read lasts.
     """
 
     @event.listens_for(engine, "connect")

@@ -21,6 +21,7 @@ another process stored first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -30,6 +31,8 @@ from sqlalchemy.orm import Session
 
 from hermitkit.errors import StoreError
 from hermitkit.store import Store
+
+log = logging.getLogger("hermitkit.writer")
 
 T = TypeVar("T")
 
@@ -98,10 +101,10 @@ class GroupWriter:
         for loop, results in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_set_results, results)
-            except RuntimeError:
+            except RuntimeError as exc:
                 # The loop has closed, so no caller awaits these results. The writes
                 # themselves are committed.
-                pass
+                log.warning("Committed %d write(s), but their event loop closed before the results arrived: %s", len(results), exc)
 
     def _write_group(self, group: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
         """Write one group on the writer thread; return (succeeded, result or exception) per call."""

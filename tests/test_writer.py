@@ -28,7 +28,7 @@ def insert_key(session: Session, *, k: int, note: str = "") -> int:
 
 
 class Gate:
-    """An insert that holds the writer thread inside its transaction until ``release``."""
+    """An insert that keeps the writer thread inside its transaction until ``release``."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
