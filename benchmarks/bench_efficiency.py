@@ -8,7 +8,7 @@ last turn. Efficiency is that limit divided by the measured wall time.
 The demo server runs in its own process (``python -m hermitkit.cli demo-server``) with
 a fixed latency added to every chat reply. The last two rows time the bare loops of
 ``bench_overhead.py`` on the same number of requests, storing nothing: one through
-``httpx.AsyncClient``, one through hermitkit's own HTTP path (``ShardedTransport``).
+``httpx.AsyncClient``, one through hermitkit's own HTTP path (``PooledTransport``).
 The second is the ceiling for hermitkit's batches on this machine.
 
     python benchmarks/bench_efficiency.py --latency 0.05 --runs 256 --turns 10 --concurrency 64 --database sqlite,postgresql

@@ -10,7 +10,7 @@ that hermitkit's batch sent, rebuilt from the stored transcripts before timing s
 - bare: C asyncio workers, each with its own ``httpx.AsyncClient``, that post each
   body and decode the JSON reply. Nothing is stored.
 - bare_transport: the same loop sent through hermitkit's own HTTP path
-  (``hermitkit.http_pool.ShardedTransport`` called directly, without
+  (``hermitkit.http_pool.PooledTransport`` called directly, without
   ``httpx.AsyncClient``). Its time shows what hermitkit's turn loop adds on top of
   the requests alone.
 
@@ -38,7 +38,7 @@ from sqlalchemy import select
 
 from hermitkit.client import build_chat_payload
 from hermitkit.config import build_config
-from hermitkit.http_pool import ShardedTransport
+from hermitkit.http_pool import PooledTransport
 from hermitkit.runner import run_batch_async
 from hermitkit.store import Run, Store, Turn
 
@@ -124,12 +124,12 @@ async def bare_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency
 
 
 async def bare_transport_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency: int) -> float:
-    """Post every body through one ShardedTransport, as hermitkit's client does; return the seconds taken."""
+    """Post every body through one PooledTransport, as hermitkit's client does; return the seconds taken."""
     queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
     for bodies in runs:
         queue.put_nowait(bodies)
     url = httpx.URL(f"{base_url}/chat/completions")
-    transport = ShardedTransport(max_connections=max(concurrency * 2, 8))
+    transport = PooledTransport(max_connections=max(concurrency * 2, 8))
     timeouts = {"connect": 60.0, "read": 60.0, "write": 60.0, "pool": None}
 
     async def worker() -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import TextClause, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from hermitkit import __version__
@@ -234,6 +235,17 @@ def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[Non
     third executemany marks the runs completed whose exchange has ``completes_run``.
     The exchanges must belong to different runs.
     """
+    rows, counts, completed = _group_rows(exchanges)
+    session.execute(_INSERT_TURNS, rows)
+    session.execute(_ADD_TO_RUN_COUNTS, counts)
+    if completed:
+        now = utcnow()
+        session.execute(_MARK_COMPLETED, [{**row, "now": now} for row in completed])
+    return [None] * len(exchanges)
+
+
+def _group_rows(exchanges: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The turn rows, run-count updates and completed runs of a group of exchanges."""
     rows: list[dict[str, Any]] = []
     counts: list[dict[str, Any]] = []
     completed: list[dict[str, Any]] = []
@@ -244,13 +256,67 @@ def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[Non
         exchange_rows, run_counts = _exchange_rows(**exchange)
         rows.extend(exchange_rows)
         counts.append(run_counts)
+    return rows, counts, completed
 
-    session.execute(_INSERT_TURNS, rows)
-    session.execute(_ADD_TO_RUN_COUNTS, counts)
-    if completed:
-        now = utcnow()
-        session.execute(_MARK_COMPLETED, [{**row, "now": now} for row in completed])
-    return [None] * len(exchanges)
+
+def _postgresql_array_type(column: Any) -> str:
+    # Strings go in as text[]: a cast to varchar(n)[] would cut long values silently,
+    # while the insert's own cast to the column type rejects them as usual.
+    compiled = column.type.compile(dialect=postgresql.dialect())
+    return "TEXT" if compiled.startswith("VARCHAR") else compiled
+
+
+_TURN_COLUMNS = [column.name for column in _TURNS.c if column.name != "id"]
+_SUMMED = ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_usd")
+_COUNT_TYPES = {
+    "run_id": "INTEGER",
+    **{f"add_{verdict}": "INTEGER" for verdict in _VERDICT_COUNTS},
+    **{f"add_{name}": _postgresql_array_type(_RUNS.c[name]) for name in _SUMMED},
+    "completes": "BOOLEAN",
+}
+
+# The work of add_exchanges on PostgreSQL as one statement, which needs one round trip
+# and no transaction block: unnest() turns one array parameter per column into rows.
+# The statement text is the same for any number of exchanges, so PostgreSQL prepares
+# it once per connection. Each run appears once per group, so the counts update and
+# the completion are one UPDATE per run (a statement may not change a row twice).
+_POSTGRESQL_ADD_EXCHANGES = text(
+    "WITH new_turns AS (INSERT INTO turns ("
+    + ", ".join(_TURN_COLUMNS)
+    + ") SELECT * FROM unnest("
+    + ", ".join(f"CAST(:turn_{name} AS {_postgresql_array_type(_TURNS.c[name])}[])" for name in _TURN_COLUMNS)
+    + ")) UPDATE runs SET turn_count = runs.turn_count + 1, "
+    + ", ".join(f"{verdict}_count = runs.{verdict}_count + counts.add_{verdict}" for verdict in _VERDICT_COUNTS)
+    + ", "
+    + ", ".join(f"{name} = runs.{name} + counts.add_{name}" for name in _SUMMED)
+    + ", status = CASE WHEN counts.completes THEN 'completed' ELSE runs.status END"
+    + ", error = CASE WHEN counts.completes THEN NULL ELSE runs.error END"
+    + ", finished_at = CASE WHEN counts.completes THEN CAST(:now AS TIMESTAMP WITH TIME ZONE) ELSE runs.finished_at END"
+    + " FROM unnest("
+    + ", ".join(f"CAST(:count_{name} AS {kind}[])" for name, kind in _COUNT_TYPES.items())
+    + ") AS counts("
+    + ", ".join(_COUNT_TYPES)
+    + ") WHERE runs.id = counts.run_id"
+)
+
+
+def add_exchanges_statement(exchanges: list[dict[str, Any]]) -> tuple[TextClause, dict[str, Any]]:
+    """``add_exchanges`` on PostgreSQL as one statement and its parameters.
+
+    The statement is atomic on its own, so it may run outside a transaction block. A
+    turn that is already stored fails the whole statement with an IntegrityError, as
+    in ``add_exchanges``.
+    """
+    rows, counts, completed = _group_rows(exchanges)
+    completing = {row["target_run_id"] for row in completed}
+    parameters: dict[str, Any] = {f"turn_{name}": [row[name] for row in rows] for name in _TURN_COLUMNS}
+    parameters["count_run_id"] = [count["target_run_id"] for count in counts]
+    for name in _COUNT_TYPES:
+        if name.startswith("add_"):
+            parameters[f"count_{name}"] = [count[name] for count in counts]
+    parameters["count_completes"] = [count["target_run_id"] in completing for count in counts]
+    parameters["now"] = utcnow()
+    return _POSTGRESQL_ADD_EXCHANGES, parameters
 
 
 def _exchange_rows(

@@ -37,7 +37,7 @@ from hermitkit.errors import (
     PermissionDeniedError,
     ProviderError,
 )
-from hermitkit.http_pool import ShardedTransport
+from hermitkit.http_pool import PooledTransport
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_KEY_ENV = "OPENROUTER_API_KEY"
@@ -154,7 +154,7 @@ def _default_transport(base_url: str, max_connections: int) -> httpx.AsyncBaseTr
         # httpx's own transport speaks to HTTP and SOCKS proxies.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         return httpx.AsyncHTTPTransport(proxy=proxy, limits=limits)
-    return ShardedTransport(max_connections=max_connections)
+    return PooledTransport(max_connections=max_connections)
 
 
 def resolve_api_key(base_url: str, api_key_env: str | None = None) -> tuple[str | None, str]:
@@ -496,6 +496,7 @@ class OpenAICompatibleClient:
         self._json_headers = httpx.Headers({**self._headers, "Content-Type": "application/json"})
         self._plain_headers = httpx.Headers(self._headers)
         self._urls: dict[str, httpx.URL] = {}
+        self._raw_headers: dict[tuple[str, bool], list[tuple[bytes, bytes]]] = {}
         self._timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": None}
 
     @property
@@ -641,10 +642,22 @@ class OpenAICompatibleClient:
         if payload is not None:
             headers = self._json_headers
             content = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        request = httpx.Request(method, self._urls[url], headers=headers, content=content, extensions={"timeout": self._timeouts})
 
-        response = await self._http_transport().handle_async_request(request)
-        response.request = request
+        transport = self._http_transport()
+        if isinstance(transport, PooledTransport):
+            key = (url, content is not None)
+            if key not in self._raw_headers:
+                # httpx.Request adds Host and, for a body, Content-Length; one request
+                # per URL shows which headers httpx would send.
+                self._raw_headers[key] = [(name, value) for name, value in httpx.Request(method, self._urls[url], headers=headers, content=content).headers.raw if name.lower() != b"content-length"]
+            raw = self._raw_headers[key]
+            if content is not None:
+                raw = [*raw, (b"Content-Length", str(len(content)).encode("ascii"))]
+            response = await transport.send(method, self._urls[url], raw, content or b"", self._timeouts)
+        else:
+            request = httpx.Request(method, self._urls[url], headers=headers, content=content, extensions={"timeout": self._timeouts})
+            response = await transport.handle_async_request(request)
+            response.request = request
         try:
             await response.aread()
         finally:

@@ -1,11 +1,11 @@
-"""An httpcore network backend built on asyncio transports and protocols.
+"""The sockets under ``http_pool.PooledTransport``: asyncio transports and protocols.
 
-httpcore 1.0's default async backend goes through anyio, which enters a cancel scope
-for every read and write. At 64 concurrent requests that bookkeeping took about a
-quarter of the client's CPU time per request on the benchmark machine (see
-benchmarks/README.md). This backend waits on one asyncio future per read instead and
-bounds each wait with ``asyncio.timeout``. It opens TCP connections and upgrades them to
-TLS; it has no Unix socket support, because hermitkit never connects to one.
+It keeps httpcore's network backend interface and exceptions, which
+``http_pool`` maps to httpx's. httpcore 1.0's own async backend goes through anyio,
+which enters a cancel scope for every read and write; this one waits on one asyncio
+future per read and bounds each wait with ``asyncio.timeout``. It opens TCP
+connections and upgrades them to TLS; it has no Unix socket support, because hermitkit
+never connects to one.
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ from typing import Any
 import httpcore
 
 # Reading pauses while this many received bytes wait to be parsed, so a huge reply
-# cannot fill memory faster than httpcore consumes it.
+# cannot fill memory faster than the reader consumes it.
 READ_BUFFER_LIMIT = 1024 * 1024
-
-# Writes up to this size wait for the end of the task's step, so that the headers and
-# body of a request leave in one send() call.
-WRITE_COALESCE_LIMIT = 64 * 1024
 
 
 class _ConnectionProtocol(asyncio.Protocol):
@@ -106,12 +102,11 @@ class _ConnectionProtocol(asyncio.Protocol):
 
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
-    """One TCP or TLS connection, read and written by one httpcore connection at a time."""
+    """One TCP or TLS connection, read and written by one request at a time."""
 
     def __init__(self, transport: asyncio.Transport, protocol: _ConnectionProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
-        self._unsent: list[bytes] = []
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
@@ -129,21 +124,14 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return b""
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Send ``buffer``; wait only while the send buffer is above its high-water mark."""
         if not buffer:
             return
         if self._transport.is_closing():
             error = self._protocol.error
             raise httpcore.WriteError(str(error) if error else "The connection is closed.")
 
-        # httpcore writes a request's headers and body in two calls within one step
-        # of its task. Sending both from one callback later in the same loop
-        # iteration costs one send() system call instead of two.
-        if not self._unsent:
-            asyncio.get_running_loop().call_soon(self._send_unsent)
-        self._unsent.append(buffer)
-        if len(buffer) > WRITE_COALESCE_LIMIT:
-            # A large body is sent at once, so that the flow control below applies to it.
-            self._send_unsent()
+        self._transport.write(buffer)
         if self._protocol.write_paused:
             try:
                 async with asyncio.timeout(timeout):
@@ -151,14 +139,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             except TimeoutError:
                 raise httpcore.WriteTimeout(f"The send buffer did not drain within {timeout} s.") from None
 
-    def _send_unsent(self) -> None:
-        data = b"".join(self._unsent)
-        self._unsent.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
     async def aclose(self) -> None:
-        self._send_unsent()
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close the connection without waiting; asyncio still sends what is buffered."""
         self._transport.close()
 
     async def start_tls(
@@ -184,8 +169,8 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore checks idle keep-alive connections with this. Bytes or EOF on an
-            # idle connection mean that the server closed it.
+            # Idle keep-alive connections are checked with this. Bytes or EOF on an idle
+            # connection mean that the server closed it.
             return self._protocol.at_eof or bool(self._protocol.buffer)
         if info == "ssl_object":
             return self._transport.get_extra_info("ssl_object")
@@ -199,7 +184,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """Open connections for httpcore on the running asyncio event loop."""
+    """Open connections on the running asyncio event loop."""
 
     async def connect_tcp(
         self,

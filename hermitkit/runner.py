@@ -34,7 +34,7 @@ from hermitkit.judge import JudgeOutcome, ParseFailure, judge_transcript
 from hermitkit.protocol import Protocol, build_messages, classify, next_user_message
 from hermitkit.providers import ProviderSet
 from hermitkit.store import Batch, Store, batch_spent_usd
-from hermitkit.writer import GroupWriter
+from hermitkit.writer import writer_for
 
 log = logging.getLogger("hermitkit.runner")
 
@@ -102,10 +102,14 @@ class BatchExecution:
         self.budget_hit = False
         self.fatal: ProviderError | None = None
         self._model_slots: dict[str, asyncio.Semaphore] = {}
-        # One writer thread per batch, so this batch's writes never contend with each
-        # other, the event loop never waits on a commit, and writes queued during a
-        # commit share the next one.
-        self._writer = GroupWriter(store, merged={batches.add_exchange: batches.add_exchanges})
+        # One writer per batch, so this batch's writes never contend with each other and
+        # writes queued while a group is written share the next commit.
+        self._writer = writer_for(
+            store,
+            merged={batches.add_exchange: batches.add_exchanges},
+            core=frozenset({batches.add_exchange}),
+            statements={batches.add_exchange: batches.add_exchanges_statement},
+        )
         self._bar: Any = None
 
     async def _db(self, action: Callable[..., T], /, **kwargs: Any) -> T:
@@ -139,7 +143,7 @@ class BatchExecution:
         try:
             return await self._execute()
         finally:
-            self._writer.close()
+            await self._writer.aclose()
             if self._bar is not None:
                 self._bar.close()
 

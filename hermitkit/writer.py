@@ -1,33 +1,39 @@
-"""One database writer thread with group commit, for the runner's event loop.
+"""Group commit for the runner's event loop: the database writes of a batch, queued and committed together.
 
 Every call waits until its transaction has committed, so the runner keeps its
 guarantee: a turn is stored before the next request of its run is sent. Calls that
-arrive while a transaction is being written are queued and then run together in the
-next transaction, so under load one commit covers many calls. A transaction of four
-turns costs about 0.5 ms on SQLite and 1.4 ms on PostgreSQL on the benchmark machine
-(benchmarks/README.md), which one transaction per turn would pay for every turn.
+arrive while a group is being written are queued and then written together as the next
+group, so under load one commit covers many calls.
 
-The writer thread takes the next group as soon as a commit ends, without a round trip
-through the event loop, and hands each group's results back with one
-``call_soon_threadsafe``. A busy event loop (many replies arriving at once) therefore
-delays only the delivery of results, never the next commit.
+Both writers work on the event loop's own thread. An earlier writer thread lost most of
+its time waiting for the GIL: after each database call it had to win the interpreter
+back from the busy event loop, and each such wait can last the switch interval (5 ms).
 
-When any call of a group raises, the whole transaction rolls back. Every call of that
-group then runs again in its own transaction, so an error reaches only its caller and
-never undoes another call's write. An example is the IntegrityError of a turn that
-another process stored first.
+- ``LoopWriter`` (SQLite) writes a group synchronously at the start of the next pass of
+  the event loop. A SQLite commit in WAL mode does not wait for the disk; four turns take
+  about 0.4 ms on the benchmark machine (benchmarks/README.md).
+- ``AsyncWriter`` (PostgreSQL) writes through psycopg's asyncio connection, so the event
+  loop serves HTTP replies while a group is in flight. A group of exchanges is one
+  statement and one round trip (``batches.add_exchanges_statement``).
+
+When any call of a group raises, the whole group rolls back. Every call of that group
+then runs again in its own transaction, so an error reaches only its caller and never
+undoes another call's write. An example is the IntegrityError of a turn that another
+process stored first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from hermitkit.errors import StoreError
 from hermitkit.store import Store
@@ -39,77 +45,60 @@ T = TypeVar("T")
 # Upper bound on calls per transaction, so one commit stays short.
 MAX_GROUP = 256
 
-_Call = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+Action = Callable[..., Any]
+# Does the work of several calls of one action at once: takes the session and the list
+# of their keyword arguments and returns the list of their results.
+Merged = Callable[[Session, list[dict[str, Any]]], list[Any]]
+# Builds one atomic statement, and its parameters, for several calls of one action.
+Statement = Callable[[list[dict[str, Any]]], tuple[Executable, dict[str, Any]]]
+
+_Call = tuple[Action, dict[str, Any], "asyncio.Future[Any]"]
 
 
-class GroupWriter:
-    """Run ``action(session, **kwargs)`` calls on one thread, committing queued calls together.
+class Writer:
+    """Run ``action(session, **kwargs)`` calls in groups, one transaction per group.
 
     ``merged`` maps an action to a function that does the work of several consecutive
-    calls at once: it takes the session and the list of their keyword arguments and
-    returns the list of their results. ``run`` may be awaited from any event loop.
-    ``close`` writes what is queued, then stops the thread.
+    calls at once. A writer serves the event loop of its first call.
     """
 
-    def __init__(self, store: Store, *, merged: dict[Callable[..., Any], Callable[..., list[Any]]] | None = None, max_group: int = MAX_GROUP):
+    def __init__(self, store: Store, *, merged: dict[Action, Merged] | None = None, max_group: int = MAX_GROUP):
         self.store = store
         self.merged = dict(merged or {})
         self.max_group = max_group
         self.transactions = 0
         self._pending: list[_Call] = []
-        self._wakeup = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._thread = threading.Thread(target=self._write_loop, name="hermitkit-db", daemon=True)
-        self._thread.start()
 
     async def run(self, action: Callable[..., T], /, **kwargs: Any) -> T:
         """Queue ``action`` and return its result once its transaction has committed."""
+        if self._closing:
+            raise RuntimeError("The database writer is closed; no more writes are accepted.")
         loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("A database writer serves one event loop; this call came from another one. Create one writer per loop.")
+
         future: asyncio.Future[T] = loop.create_future()
-        with self._wakeup:
-            if self._closing:
-                raise RuntimeError("The database writer is closed; no more writes are accepted.")
-            self._pending.append((action, kwargs, future, loop))
-            self._wakeup.notify()
+        self._pending.append((action, kwargs, future))
+        self._wake()
         return await future
 
-    def close(self) -> None:
-        """Write every queued call, then stop the writer thread. Safe to call twice."""
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify()
-        self._thread.join()
+    async def aclose(self) -> None:
+        """Write every queued call, then accept no more. Safe to call twice."""
+        raise NotImplementedError
 
-    def _write_loop(self) -> None:
-        while True:
-            with self._wakeup:
-                while not self._pending and not self._closing:
-                    self._wakeup.wait()
-                if not self._pending:
-                    return
-                group, self._pending = self._pending[: self.max_group], self._pending[self.max_group :]
+    def _wake(self) -> None:
+        raise NotImplementedError
 
-            outcomes = self._write_group([(action, kwargs) for action, kwargs, _, _ in group])
-            self._deliver(group, outcomes)
+    def _take_group(self) -> list[_Call]:
+        group, self._pending = self._pending[: self.max_group], self._pending[self.max_group :]
+        return group
 
-    @staticmethod
-    def _deliver(group: list[_Call], outcomes: list[tuple[bool, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_action, _kwargs, future, loop), (ok, value) in zip(group, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((future, ok, value))
-
-        for loop, results in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_set_results, results)
-            except RuntimeError as exc:
-                # The loop has closed, so no caller awaits these results. The writes
-                # themselves are committed.
-                log.warning("Committed %d write(s), but their event loop closed before the results arrived: %s", len(results), exc)
-
-    def _write_group(self, group: list[tuple[Callable[..., Any], dict[str, Any]]]) -> list[tuple[bool, Any]]:
-        """Write one group on the writer thread; return (succeeded, result or exception) per call."""
-        if len(group) == 1:
-            return [self._write_one(*group[0])]
+    def _merge(self, group: list[tuple[Action, dict[str, Any]]]) -> Callable[[Session], list[Any]]:
+        """One function that does the work of every call in ``group``, in order."""
 
         def write_all(session: Session) -> list[Any]:
             results: list[Any] = []
@@ -126,28 +115,188 @@ class GroupWriter:
                 start = end
             return results
 
-        try:
-            results = self.store.write(write_all)
-        except StoreError as exc:
-            # The database stayed unreachable through Store.write's retries: retrying each
-            # call alone would only repeat that wait once per call.
-            return [(False, exc)] * len(group)
-        except Exception:  # noqa: BLE001 - each call is retried alone and gets its own error
-            return [self._write_one(action, kwargs) for action, kwargs in group]
-        self.transactions += 1
-        return [(True, result) for result in results]
+        return write_all
 
-    def _write_one(self, action: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        try:
-            result = self.store.write(partial(action, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
-            return False, exc
-        self.transactions += 1
-        return True, result
+
+class LoopWriter(Writer):
+    """Write each group synchronously on the event loop's thread, for SQLite.
+
+    The calls that reach ``run`` during one pass of the event loop are written as one
+    transaction at the start of the next pass. The event loop waits while a group is
+    written. A group made only of ``core`` actions (and their merged forms), which
+    execute nothing but Core statements, runs on a plain connection (``Store.write``
+    with ``core=True``).
+    """
+
+    def __init__(self, store: Store, *, merged: dict[Action, Merged] | None = None, core: frozenset[Action] = frozenset(), max_group: int = MAX_GROUP):
+        super().__init__(store, merged=merged, max_group=max_group)
+        self.core = core
+        self._scheduled = False
+
+    async def aclose(self) -> None:
+        self._closing = True
+        while self._pending:
+            self._flush()
+
+    def _wake(self) -> None:
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        group = self._take_group()
+        if self._pending:
+            self._wake()
+        if not group:
+            return
+
+        outcomes = self._write_group([(action, kwargs) for action, kwargs, _ in group])
+        _set_results([(future, ok, value) for (_, _, future), (ok, value) in zip(group, outcomes, strict=True)])
+
+    def _write_group(self, group: list[tuple[Action, dict[str, Any]]]) -> list[tuple[bool, Any]]:
+        """Write one group as one transaction; return (succeeded, result or exception) per call."""
+        core = all(action in self.core for action, _ in group)
+        if len(group) > 1:
+            try:
+                results = self.store.write(self._merge(group), core=core)
+            except StoreError as exc:
+                # The database stayed unreachable through Store.write's retries: retrying
+                # each call alone would only repeat that wait once per call.
+                return [(False, exc)] * len(group)
+            except Exception:  # noqa: BLE001 - each call is retried alone and gets its own error
+                pass
+            else:
+                self.transactions += 1
+                return [(True, result) for result in results]
+
+        outcomes: list[tuple[bool, Any]] = []
+        for action, kwargs in group:
+            try:
+                outcomes.append((True, self.store.write(partial(action, **kwargs), core=action in self.core)))
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                outcomes.append((False, exc))
+            else:
+                self.transactions += 1
+        return outcomes
+
+
+class AsyncWriter(Writer):
+    """Write each group through an asyncio database driver, for PostgreSQL.
+
+    One task writes the groups one after the other; calls queued while a group is in
+    flight form the next group. ``statements`` maps an action to a function that turns
+    several calls into one statement that is atomic on its own. A group made only of
+    such calls is sent as that statement outside a transaction block, in one round
+    trip; any other group runs in a transaction through ``AsyncSession.run_sync``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        merged: dict[Action, Merged] | None = None,
+        statements: dict[Action, Statement] | None = None,
+        max_group: int = MAX_GROUP,
+        attempts: int = 10,
+    ):
+        super().__init__(store, merged=merged, max_group=max_group)
+        self.statements = dict(statements or {})
+        self.attempts = attempts
+        # No pre-ping: it costs a round trip per group, and a connection that the server
+        # closed fails its first statement, which is then retried like any lost connection.
+        self._engine = create_async_engine(store.url, pool_size=2, max_overflow=2, pool_pre_ping=False)
+        self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._wake()
+            await asyncio.shield(self._task)
+        await self._engine.dispose()
+
+    def _wake(self) -> None:
+        if self._loop is None:
+            return
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = self._loop.create_task(self._write_loop(), name="hermitkit-db")
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    async def _write_loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                group = self._take_group()
+                outcomes = await self._write_group([(action, kwargs) for action, kwargs, _ in group])
+                _set_results([(future, ok, value) for (_, _, future), (ok, value) in zip(group, outcomes, strict=True)])
+            if self._closing:
+                return
+
+    async def _write_group(self, group: list[tuple[Action, dict[str, Any]]]) -> list[tuple[bool, Any]]:
+        if len(group) > 1:
+            try:
+                results = await self._write(group)
+            except StoreError as exc:
+                return [(False, exc)] * len(group)
+            except Exception:  # noqa: BLE001 - each call is retried alone and gets its own error
+                pass
+            else:
+                return [(True, result) for result in results]
+
+        outcomes: list[tuple[bool, Any]] = []
+        for call in group:
+            try:
+                outcomes.append((True, (await self._write([call]))[0]))
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                outcomes.append((False, exc))
+        return outcomes
+
+    async def _write(self, group: list[tuple[Action, dict[str, Any]]]) -> list[Any]:
+        """Write ``group`` as one transaction, retrying when the connection drops."""
+        action = group[0][0]
+        one_statement = action in self.statements and all(call[0] is action for call in group)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if one_statement:
+                    statement, parameters = self.statements[action]([kwargs for _, kwargs in group])
+                    async with self._autocommit.connect() as connection:
+                        await connection.execute(statement, parameters)
+                    results: list[Any] = [None] * len(group)
+                else:
+                    async with self._sessions() as session, session.begin():
+                        results = await session.run_sync(self._merge(group))
+            except IntegrityError:
+                raise
+            except (OperationalError, DBAPIError) as exc:
+                await asyncio.sleep(self.store.retry_delay_s(exc, attempt, self.attempts))
+            else:
+                self.transactions += 1
+                return results
+        raise AssertionError("unreachable")
+
+
+def writer_for(
+    store: Store,
+    *,
+    merged: dict[Action, Merged] | None = None,
+    core: frozenset[Action] = frozenset(),
+    statements: dict[Action, Statement] | None = None,
+) -> Writer:
+    """The writer that suits ``store``'s database: ``AsyncWriter`` for PostgreSQL, ``LoopWriter`` otherwise."""
+    if store.dialect == "postgresql":
+        return AsyncWriter(store, merged=merged, statements=statements)
+    return LoopWriter(store, merged=merged, core=core)
 
 
 def _set_results(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    """Resolve the futures of one committed group, on their event loop's thread."""
+    """Resolve the futures of one written group."""
     for future, ok, value in results:
         if future.cancelled():
             continue

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, IntegrityError
 
 from hermitkit import batches
 from hermitkit.client import ChatReply
@@ -13,7 +15,7 @@ from hermitkit.demo import DemoServer
 from hermitkit.judge import JudgeOutcome
 from hermitkit.protocol import classify
 from hermitkit.runner import resume_batch
-from hermitkit.store import Run, Store
+from hermitkit.store import Run, Store, Turn
 
 
 def _new_run(store: Store, turns: int = 2) -> tuple[int, int, str]:
@@ -154,3 +156,73 @@ def _point_batch_at(session, batch_id: int, base_url: str) -> None:  # type: ign
     config = dict(batch.config)
     config["endpoint"] = {**config["endpoint"], "base_url": base_url}
     batch.config = config
+
+
+def _turn_rows(store: Store, run_id: int) -> list[tuple[object, ...]]:
+    columns = [column for column in Turn.__table__.c if column.name not in ("id", "run_id", "created_at")]
+    return store.read(lambda session: [tuple(row) for row in session.execute(select(*columns).where(Turn.run_id == run_id).order_by(Turn.idx))])
+
+
+def _counts(store: Store, run_id: int) -> tuple[object, ...]:
+    run = _run(store, run_id)
+    return (run.status, run.error, run.finished_at is not None, run.turn_count, run.ok_count, run.multiple_count, run.unbalanced_count,
+            run.empty_count, run.missing_count, run.prompt_tokens, run.completion_tokens, run.reasoning_tokens, round(run.cost_usd, 9))
+
+
+def test_postgresql_statement_matches_add_exchanges(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    replies = [
+        ChatReply(content="{a} and {b}", reasoning="thinking", finish_reason="stop", prompt_tokens=12, completion_tokens=5, reasoning_tokens=3,
+                  latency_s=0.25, generation_id="gen-1", provider="Provider", served_model="demo/steady-0"),
+        ChatReply(content="", finish_reason="length"),
+        ChatReply(content="no braces at all", prompt_tokens=7, completion_tokens=2),
+    ]
+    by_statement: list[int] = []
+    by_executemany: list[int] = []
+    for runs in (by_statement, by_executemany):
+        for _ in replies:
+            runs.append(_new_run(store, turns=2)[1])
+
+    def exchanges(run_ids: list[int]) -> list[dict[str, object]]:
+        return [
+            dict(run_id=run_id, idx=1, turn_number=1, reply=reply, cost_usd=0.25 if index == 0 else None, classification=classify(reply.content or ""),
+                 echo=None if index == 1 else "a", completes_run=index == 1)
+            for index, (run_id, reply) in enumerate(zip(run_ids, replies, strict=True))
+        ]
+
+    def run_statement(session: object) -> None:
+        statement, parameters = batches.add_exchanges_statement(exchanges(by_statement))
+        session.execute(statement, parameters)  # type: ignore[attr-defined]
+
+    store.write(run_statement)
+    store.write(lambda session: batches.add_exchanges(session, exchanges(by_executemany)))
+
+    for left, right in zip(by_statement, by_executemany, strict=True):
+        assert _turn_rows(store, left) == _turn_rows(store, right)
+        assert _counts(store, left) == _counts(store, right)
+    assert _counts(store, by_statement[1])[0] == "completed"
+    assert _counts(store, by_statement[0])[0] == "running"
+    store.dispose()
+
+
+def test_postgresql_statement_rejects_duplicate_and_too_long_values(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    _, run_id, _ = _new_run(store, turns=3)
+    reply = ChatReply(content="{a}", prompt_tokens=1, completion_tokens=1)
+
+    def write(idx: int, served_model: str) -> None:
+        long_reply = ChatReply(content=reply.content, served_model=served_model)
+        exchange = dict(run_id=run_id, idx=idx, turn_number=1, reply=long_reply, cost_usd=None, classification=classify("{a}"), echo="a")
+        statement, parameters = batches.add_exchanges_statement([exchange])
+        store.write(lambda session: session.execute(statement, parameters))
+
+    write(1, "demo/steady")
+    with pytest.raises(IntegrityError):
+        write(1, "demo/steady")
+    # A value longer than its column fails as it would in a plain INSERT, and is never cut short.
+    with pytest.raises(DataError):
+        write(3, "m" * 301)
+
+    assert _run(store, run_id).turn_count == 1
+    assert [row[0] for row in _turn_rows(store, run_id)] == [0, 1, 2]
+    store.dispose()

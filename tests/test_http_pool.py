@@ -1,8 +1,9 @@
-"""ShardedTransport and its asyncio network backend, against real servers on 127.0.0.1."""
+"""PooledTransport and its asyncio network backend, against real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import shutil
 import socket
@@ -21,7 +22,7 @@ import pytest
 from hermitkit.client import OpenAICompatibleClient, environment_proxy
 from hermitkit.demo import STEADY_MODEL, DemoServer
 from hermitkit.errors import ProviderError
-from hermitkit.http_pool import ShardedTransport
+from hermitkit.http_pool import PooledTransport
 
 HELLO = [{"role": "user", "content": "You have full autonomy."}]
 COMPLETION = {
@@ -91,22 +92,168 @@ def _exception_chain(exc: BaseException) -> list[type[BaseException]]:
     return chain
 
 
-def test_transport_spreads_requests_over_shards(demo: DemoServer) -> None:
-    transport = ShardedTransport(max_connections=20, shard_connections=8)
-    url = f"{demo.base_url}/chat/completions"
+class _CountingHandler(BaseHTTPRequestHandler):
+    """Replies with COMPLETION after ``delay_s``, recording the client port of each request."""
 
-    async def main() -> list[httpx.Response]:
+    protocol_version = "HTTP/1.1"
+    ports: list[int] = []
+    delay_s = 0.0
+    in_flight = 0
+    most_in_flight = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).ports.append(self.client_address[1])
+            type(self).in_flight += 1
+            type(self).most_in_flight = max(type(self).most_in_flight, type(self).in_flight)
+        time.sleep(self.delay_s)
+        with self.lock:
+            type(self).in_flight -= 1
+        _send_body(self, json.dumps(COMPLETION).encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _counting_handler(delay_s: float) -> type[_CountingHandler]:
+    return type("Handler", (_CountingHandler,), {"ports": [], "delay_s": delay_s, "in_flight": 0, "most_in_flight": 0, "lock": threading.Lock()})
+
+
+def test_transport_keeps_to_its_connection_limit() -> None:
+    handler = _counting_handler(0.02)
+    transport = PooledTransport(max_connections=4)
+
+    async def main(port: int) -> list[httpx.Response]:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
-            return await asyncio.gather(*(_post(transport, url) for _ in range(60)))
+            return await asyncio.gather(*(_post(transport, url) for _ in range(40)))
+        finally:
+            assert transport.in_flight == 0
+            assert transport.idle_connections == 4
+            await transport.aclose()
+
+    with _ServerThread(handler) as server:
+        responses = asyncio.run(main(server.port))
+
+    assert [response.status_code for response in responses] == [200] * 40
+    assert all(response.json()["choices"][0]["message"]["content"] == "{hello}" for response in responses)
+    assert handler.most_in_flight == 4
+    assert len(set(handler.ports)) == 4
+    assert transport.idle_connections == 0
+
+
+def test_transport_reuses_idle_connection_until_it_expires() -> None:
+    handler = _counting_handler(0.0)
+    transport = PooledTransport(max_connections=2, keepalive_expiry=0.3)
+
+    async def main(port: int) -> None:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        try:
+            for _ in range(3):
+                await _post(transport, url)
+            await asyncio.sleep(0.5)
+            await _post(transport, url)
         finally:
             await transport.aclose()
 
-    responses = asyncio.run(main())
+    with _ServerThread(handler) as server:
+        asyncio.run(main(server.port))
 
-    assert transport.shard_count == 3
-    assert [response.status_code for response in responses] == [200] * 60
-    assert all(response.json()["choices"][0]["message"]["content"] for response in responses)
-    assert transport.in_flight == 0
+    first, second, third, after_expiry = handler.ports
+    assert first == second == third
+    assert after_expiry != first
+
+
+def test_transport_reads_chunked_and_gzip_bodies() -> None:
+    body = json.dumps(COMPLETION).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            packed = gzip.compress(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for start in range(0, len(packed), 7):
+                chunk = packed[start : start + 7]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    async def main(port: int) -> list[httpx.Response]:
+        transport = PooledTransport(max_connections=1)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        try:
+            # The second request reuses the connection, so the chunked body ended cleanly.
+            return [await _post(transport, url), await _post(transport, url)]
+        finally:
+            await transport.aclose()
+
+    with _ServerThread(Handler) as server:
+        responses = asyncio.run(main(server.port))
+
+    assert [response.json() for response in responses] == [COMPLETION, COMPLETION]
+
+
+def test_cancelled_request_frees_its_connection_slot() -> None:
+    handler = _counting_handler(0.5)
+    transport = PooledTransport(max_connections=1)
+
+    async def main(port: int) -> int:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        try:
+            slow = asyncio.ensure_future(_post(transport, url))
+            await asyncio.sleep(0.1)
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            assert transport.in_flight == 0
+            # The cancelled request's connection is closed, not handed to the next one.
+            assert transport.idle_connections == 0
+            return (await _post(transport, url)).status_code
+        finally:
+            await transport.aclose()
+
+    with _ServerThread(handler) as server:
+        assert asyncio.run(main(server.port)) == 200
+    assert len(set(handler.ports)) == 2
+
+
+def test_transport_pool_timeout() -> None:
+    handler = _counting_handler(0.5)
+    transport = PooledTransport(max_connections=1)
+
+    async def main(port: int) -> None:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        request = httpx.Request("POST", url, json={}, extensions={"timeout": {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 0.1}})
+        try:
+            slow = asyncio.ensure_future(_post(transport, url))
+            await asyncio.sleep(0.05)
+            with pytest.raises(httpx.PoolTimeout):
+                await transport.handle_async_request(request)
+            await slow
+        finally:
+            await transport.aclose()
+
+    with _ServerThread(handler) as server:
+        asyncio.run(main(server.port))
+
+
+def test_transport_rejects_other_schemes() -> None:
+    async def main() -> None:
+        transport = PooledTransport(max_connections=1)
+        await _post(transport, "ftp://127.0.0.1:21/v1/chat/completions")
+
+    with pytest.raises(httpx.UnsupportedProtocol, match="use http or https"):
+        asyncio.run(main())
 
 
 def test_transport_reads_large_body() -> None:
@@ -125,7 +272,7 @@ def test_transport_reads_large_body() -> None:
             pass
 
     async def main(port: int) -> httpx.Response:
-        transport = ShardedTransport(max_connections=2)
+        transport = PooledTransport(max_connections=2)
         try:
             return await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
         finally:
@@ -155,7 +302,7 @@ def test_transport_replaces_connection_closed_by_server() -> None:
             pass
 
     async def main(port: int) -> list[int]:
-        transport = ShardedTransport(max_connections=1)
+        transport = PooledTransport(max_connections=1)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         try:
             first = await _post(transport, url)
@@ -183,7 +330,7 @@ def test_transport_read_timeout() -> None:
             pass
 
     async def main(port: int) -> None:
-        transport = ShardedTransport(max_connections=1)
+        transport = PooledTransport(max_connections=1)
         try:
             await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions", timeout_s=0.2)
         finally:
@@ -205,7 +352,7 @@ def test_transport_server_disconnect() -> None:
             pass
 
     async def main(port: int) -> None:
-        transport = ShardedTransport(max_connections=1)
+        transport = PooledTransport(max_connections=1)
         try:
             await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
         finally:
@@ -221,7 +368,7 @@ def test_transport_connection_refused() -> None:
         port = probe.getsockname()[1]
 
     async def main() -> None:
-        transport = ShardedTransport(max_connections=1)
+        transport = PooledTransport(max_connections=1)
         try:
             await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
         finally:
@@ -287,7 +434,7 @@ def test_transport_speaks_tls(tls_files: tuple[Path, Path]) -> None:
             pass
 
     async def main(port: int) -> list[str | None]:
-        transport = ShardedTransport(max_connections=2, ssl_context=client_context)
+        transport = PooledTransport(max_connections=2, ssl_context=client_context)
         client = OpenAICompatibleClient(f"https://127.0.0.1:{port}/v1", transport=transport, max_retries=0)
         async with client:
             replies = [await client.chat(STEADY_MODEL, HELLO) for _ in range(3)]
@@ -311,7 +458,7 @@ def test_transport_rejects_untrusted_certificate(tls_files: tuple[Path, Path]) -
 
     async def main(port: int) -> None:
         # The default context trusts certifi's CA bundle, which did not sign this certificate.
-        transport = ShardedTransport(max_connections=1)
+        transport = PooledTransport(max_connections=1)
         try:
             await _post(transport, f"https://127.0.0.1:{port}/v1/chat/completions")
         finally:

@@ -21,7 +21,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import JSON, Boolean, Float, Integer, String, column, create_engine, event, func, insert, inspect, select, text
 from sqlalchemy import table as sql_table
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 from hermitkit.demo import DemoServer
 from hermitkit.errors import StoreError
@@ -55,13 +55,16 @@ def test_postgres_backend_terminated_mid_batch(postgres_url, tmp_path, caplog):
     turn_inserts = 0
     killed_in_transaction = 0
 
-    @event.listens_for(store.engine, "before_cursor_execute")
+    # The batch writes turns through its own asyncio engine (hermitkit.writer.AsyncWriter),
+    # so the hook listens on every engine and picks the test database's connections.
     def _terminate_own_backend(connection, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
         nonlocal turn_inserts, killed_in_transaction
-        if statement.startswith("INSERT INTO turns") and parameters and _is_assistant(parameters):
+        if connection.engine.url.database != database:
+            return
+        if "INSERT INTO turns" in statement and parameters and _is_assistant(parameters):
             turn_inserts += 1
             if turn_inserts % TERMINATE_EVERY_NTH_TURN_INSERT == 0:
-                pid = connection.connection.dbapi_connection.info.backend_pid
+                pid = connection.connection.driver_connection.info.backend_pid
                 with admin.connect() as admin_connection:
                     admin_connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
                 killed_in_transaction += 1
@@ -84,10 +87,12 @@ def test_postgres_backend_terminated_mid_batch(postgres_url, tmp_path, caplog):
     killer = threading.Thread(target=terminate_all, name="terminate-backends", daemon=True)
     with DemoServer(latency_s=0.005) as server:
         config = demo_config(server.base_url, models=SUBJECT_MODELS, runs=2, turns=6, concurrency=4)
+        event.listen(Engine, "before_cursor_execute", _terminate_own_backend)
         killer.start()
         try:
             outcome = run_batch(config, store=store, progress=False)
         finally:
+            event.remove(Engine, "before_cursor_execute", _terminate_own_backend)
             stop.set()
             killer.join()
         reference_store = Store(f"sqlite:///{tmp_path / 'reference.db'}")
@@ -132,9 +137,9 @@ def test_store_gives_up_with_store_error(postgres_url):
 
 
 def _is_assistant(parameters: Any) -> bool:
-    """Whether an INSERT's parameters (one row or several) store an assistant reply."""
+    """Whether an INSERT's parameters (one row, several, or one array per column) store an assistant reply."""
     rows = parameters if isinstance(parameters, (list, tuple)) else [parameters]
-    return any(isinstance(row, dict) and row.get("role") == "assistant" for row in rows)
+    return any(isinstance(row, dict) and (row.get("role") == "assistant" or "assistant" in (row.get("turn_role") or ())) for row in rows)
 
 
 # ---------------------------------------------------------------- SQLite concurrency

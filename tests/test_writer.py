@@ -1,18 +1,21 @@
-"""GroupWriter: group commit on one thread, with errors kept to their own caller."""
+"""The database writers: group commit on the event loop, with errors kept to their own caller.
+
+Every test runs on SQLite (``LoopWriter``) and on PostgreSQL (``AsyncWriter``), as
+``writer_for`` picks them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from hermitkit.store import Store
-from hermitkit.writer import GroupWriter
+from hermitkit.writer import AsyncWriter, LoopWriter, Writer, writer_for
 
 
 @pytest.fixture
@@ -27,94 +30,80 @@ def insert_key(session: Session, *, k: int, note: str = "") -> int:
     return k
 
 
-class Gate:
-    """An insert that keeps the writer thread inside its transaction until ``release``."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.released = threading.Event()
-
-    def insert(self, session: Session, *, k: int) -> int:
-        self.started.set()
-        self.released.wait(10)
-        return insert_key(session, k=k)
-
-    async def hold(self, writer: GroupWriter, k: int) -> asyncio.Future[Any]:
-        """Queue the held insert of ``k`` and return once the writer thread is inside it."""
-        first = asyncio.ensure_future(writer.run(self.insert, k=k))
-        await asyncio.to_thread(self.started.wait, 10)
-        return first
-
-    async def release(self) -> None:
-        # A short pause lets calls queued just before reach the writer's list.
-        await asyncio.sleep(0.05)
-        self.released.set()
-
-
 def stored_keys(store: Store) -> list[int]:
     return store.read(lambda session: [row[0] for row in session.execute(text("SELECT k FROM writer_keys ORDER BY k"))])
 
 
-def test_results_return_in_call_order(keyed_store: Store) -> None:
-    writer = GroupWriter(keyed_store)
+def run_with(writer: Writer, main: Any) -> Any:
+    """Run ``main(writer)`` on a new event loop and close the writer on that loop."""
 
-    async def main() -> list[int]:
+    async def wrapped() -> Any:
+        try:
+            return await main(writer)
+        finally:
+            await writer.aclose()
+
+    return asyncio.run(wrapped())
+
+
+def test_writer_for_picks_by_database(keyed_store: Store) -> None:
+    writer = writer_for(keyed_store)
+    expected = AsyncWriter if keyed_store.dialect == "postgresql" else LoopWriter
+    assert type(writer) is expected
+    run_with(writer, lambda writer: asyncio.sleep(0))
+
+
+def test_results_return_in_call_order(keyed_store: Store) -> None:
+    async def main(writer: Writer) -> list[int]:
         return await asyncio.gather(*(writer.run(insert_key, k=k) for k in range(20)))
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        writer.close()
-
-    assert results == list(range(20))
+    assert run_with(writer_for(keyed_store), main) == list(range(20))
     assert stored_keys(keyed_store) == list(range(20))
 
 
-def test_queued_calls_share_one_commit(keyed_store: Store) -> None:
-    gate = Gate()
-    writer = GroupWriter(keyed_store)
+def test_calls_of_one_loop_pass_share_one_commit(keyed_store: Store) -> None:
+    writer = writer_for(keyed_store)
 
-    async def main() -> list[int]:
-        first = await gate.hold(writer, 0)
-        # The writer thread is inside the first transaction, so these ten queue up.
-        rest = [asyncio.ensure_future(writer.run(insert_key, k=k)) for k in range(1, 11)]
-        await gate.release()
-        return await asyncio.gather(first, *rest)
+    async def main(writer: Writer) -> list[int]:
+        # gather starts all ten calls in one pass of the event loop.
+        return await asyncio.gather(*(writer.run(insert_key, k=k) for k in range(10)))
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        writer.close()
+    assert run_with(writer, main) == list(range(10))
+    assert writer.transactions == 1
 
-    assert results == list(range(11))
-    assert writer.transactions == 2
+
+def test_every_call_is_committed_before_it_returns(keyed_store: Store) -> None:
+    seen: list[list[int]] = []
+
+    async def main(writer: Writer) -> None:
+        for k in range(3):
+            await writer.run(insert_key, k=k)
+            # Another connection must already see the key.
+            seen.append(stored_keys(keyed_store))
+
+    run_with(writer_for(keyed_store), main)
+    assert seen == [[0], [0, 1], [0, 1, 2]]
 
 
 def test_failed_call_keeps_others(keyed_store: Store) -> None:
     keyed_store.write(lambda session: insert_key(session, k=5, note="first"))
-    gate = Gate()
-    writer = GroupWriter(keyed_store)
+    writer = writer_for(keyed_store)
 
-    async def main() -> list[Any]:
-        first = await gate.hold(writer, 100)
+    async def main(writer: Writer) -> list[Any]:
         # One group of three in which k=5 collides: the group rolls back and each call
         # is written again alone.
-        group = [asyncio.ensure_future(writer.run(insert_key, k=k, note="second")) for k in (4, 5, 6)]
-        await gate.release()
-        return await asyncio.gather(first, *group, return_exceptions=True)
+        return await asyncio.gather(*(writer.run(insert_key, k=k, note="second") for k in (4, 5, 6)), return_exceptions=True)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        writer.close()
+    results = run_with(writer, main)
 
-    assert results[0] == 100
-    assert results[1] == 4
-    assert isinstance(results[2], IntegrityError)
-    assert results[3] == 6
-    assert stored_keys(keyed_store) == [4, 5, 6, 100]
-    notes = keyed_store.read(lambda session: session.execute(text("SELECT note FROM writer_keys WHERE k = 5")).scalar_one())
-    assert notes == "first"
+    assert results[0] == 4
+    assert isinstance(results[1], IntegrityError)
+    assert results[2] == 6
+    assert stored_keys(keyed_store) == [4, 5, 6]
+    note = keyed_store.read(lambda session: session.execute(text("SELECT note FROM writer_keys WHERE k = 5")).scalar_one())
+    assert note == "first"
+    # The failed group, then the three calls alone, of which two committed.
+    assert writer.transactions == 2
 
 
 def test_merged_action_writes_consecutive_calls(keyed_store: Store) -> None:
@@ -125,29 +114,16 @@ def test_merged_action_writes_consecutive_calls(keyed_store: Store) -> None:
         session.execute(text("INSERT INTO writer_keys (k, note) VALUES (:k, 'merged')"), [{"k": call["k"]} for call in calls])
         return [call["k"] for call in calls]
 
-    gate = Gate()
-    writer = GroupWriter(keyed_store, merged={insert_key: insert_keys})
+    async def main(writer: Writer) -> list[int]:
+        return await asyncio.gather(*(writer.run(insert_key, k=k) for k in range(5)))
 
-    async def main() -> list[int]:
-        first = await gate.hold(writer, 0)
-        rest = [asyncio.ensure_future(writer.run(insert_key, k=k)) for k in range(1, 6)]
-        await gate.release()
-        return await asyncio.gather(first, *rest)
-
-    try:
-        results = asyncio.run(main())
-    finally:
-        writer.close()
-
-    assert results == [0, 1, 2, 3, 4, 5]
+    assert run_with(writer_for(keyed_store, merged={insert_key: insert_keys}), main) == [0, 1, 2, 3, 4]
     assert merged_sizes == [5]
-    assert stored_keys(keyed_store) == [0, 1, 2, 3, 4, 5]
+    assert stored_keys(keyed_store) == [0, 1, 2, 3, 4]
 
 
-def test_close_writes_queued_calls(keyed_store: Store) -> None:
-    writer = GroupWriter(keyed_store)
-
-    async def main() -> None:
+def test_cancelled_callers_writes_are_still_made(keyed_store: Store) -> None:
+    async def main(writer: Writer) -> None:
         tasks = [asyncio.ensure_future(writer.run(insert_key, k=k)) for k in range(5)]
         # Let the tasks queue their calls, then stop waiting for them.
         await asyncio.sleep(0)
@@ -155,41 +131,105 @@ def test_close_writes_queued_calls(keyed_store: Store) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    asyncio.run(main())
-    writer.close()
-
+    run_with(writer_for(keyed_store), main)
     assert stored_keys(keyed_store) == [0, 1, 2, 3, 4]
 
 
 def test_run_after_close_raises(keyed_store: Store) -> None:
-    writer = GroupWriter(keyed_store)
-    writer.close()
-    writer.close()
+    async def main(writer: Writer) -> None:
+        await writer.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await writer.run(insert_key, k=1)
 
-    with pytest.raises(RuntimeError, match="closed"):
-        asyncio.run(writer.run(insert_key, k=1))
+    run_with(writer_for(keyed_store), main)
     assert stored_keys(keyed_store) == []
 
 
-def test_calls_from_two_event_loops(keyed_store: Store) -> None:
-    writer = GroupWriter(keyed_store)
-    results: dict[str, list[int]] = {}
+def test_call_from_second_event_loop_raises(keyed_store: Store) -> None:
+    writer = writer_for(keyed_store)
+    run_with(writer, lambda writer: writer.run(insert_key, k=1))
+    writer._closing = False  # reopen, to reach the loop check
 
-    def loop_in_thread(name: str, keys: range) -> None:
-        async def main() -> list[int]:
-            return await asyncio.gather(*(writer.run(insert_key, k=k) for k in keys))
+    with pytest.raises(RuntimeError, match="one event loop"):
+        asyncio.run(writer.run(insert_key, k=2))
+    assert stored_keys(keyed_store) == [1]
 
-        results[name] = asyncio.run(main())
 
-    threads = [
-        threading.Thread(target=loop_in_thread, args=("a", range(0, 10))),
-        threading.Thread(target=loop_in_thread, args=("b", range(10, 20))),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    writer.close()
+def test_core_action_gets_a_connection(sqlite_url: str) -> None:
+    store = Store(sqlite_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    received: list[type] = []
 
-    assert results == {"a": list(range(0, 10)), "b": list(range(10, 20))}
-    assert stored_keys(keyed_store) == list(range(20))
+    def insert_core(connection: Any, *, k: int) -> int:
+        received.append(type(connection))
+        return insert_key(connection, k=k)
+
+    async def main(writer: Writer) -> list[int]:
+        return await asyncio.gather(writer.run(insert_core, k=1), writer.run(insert_key, k=2), writer.run(insert_core, k=3))
+
+    # A group that mixes a Core action with an ORM one runs in a session, the rest on a
+    # plain connection.
+    writer = LoopWriter(store, core=frozenset({insert_core}))
+    assert run_with(writer, main) == [1, 2, 3]
+    assert len(received) == 2 and all(issubclass(kind, Session) for kind in received)
+
+    async def core_only(writer: Writer) -> list[int]:
+        return await asyncio.gather(writer.run(insert_core, k=4), writer.run(insert_core, k=5))
+
+    received.clear()
+    assert run_with(LoopWriter(store, core=frozenset({insert_core})), core_only) == [4, 5]
+    assert all(issubclass(kind, Connection) for kind in received) and len(received) == 2
+
+
+def insert_keys_statement(calls: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    statement = text("INSERT INTO writer_keys (k, note) SELECT * FROM unnest(CAST(:ks AS INTEGER[]), CAST(:notes AS TEXT[]))")
+    return statement, {"ks": [call["k"] for call in calls], "notes": [call.get("note", "") for call in calls]}
+
+
+def test_statement_group_is_one_round_trip(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    store.write(lambda session: insert_key(session, k=5, note="first"))
+    writer = AsyncWriter(store, statements={insert_key: insert_keys_statement})
+
+    async def main(writer: Writer) -> list[Any]:
+        together = await asyncio.gather(*(writer.run(insert_key, k=k, note="new") for k in range(5)))
+        colliding = await asyncio.gather(*(writer.run(insert_key, k=k, note="new") for k in (5, 6)), return_exceptions=True)
+        return [together, colliding]
+
+    together, colliding = run_with(writer, main)
+
+    # Statement actions return None: the statement reports no per-call results.
+    assert together == [None] * 5
+    assert isinstance(colliding[0], IntegrityError)
+    assert colliding[1] is None
+    assert stored_keys(store) == [0, 1, 2, 3, 4, 5, 6]
+    # One statement for the five, then the failed pair and k=6 alone.
+    assert writer.transactions == 2
+    store.dispose()
+
+
+def test_async_writer_reconnects_after_lost_connection(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    database = store.engine.url.database
+
+    def kill_writer_connections() -> None:
+        with store.engine.begin() as connection:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"),
+                {"name": database},
+            )
+
+    async def main(writer: Writer) -> list[int]:
+        first = await writer.run(insert_key, k=1)
+        kill_writer_connections()
+        second = await writer.run(insert_key, k=2)
+        return [first, second]
+
+    assert run_with(AsyncWriter(store), main) == [1, 2]
+    assert stored_keys(store) == [1, 2]
+    store.dispose()

@@ -127,6 +127,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "hermitkit-demo"
     # Idle keep-alive connections are dropped after this many seconds.
     timeout = 300
+    # A buffered wfile lets _send_bytes send the status line, headers and body with one
+    # send() call; unbuffered, the headers and the body left as two TCP segments and the
+    # client had to wake up twice per reply.
+    wbufsize = 64 * 1024
     # Headers and body go out in separate writes. With Nagle's algorithm on, the body
     # then waits for the client's delayed ACK: 44 ms per request measured here on Linux.
     disable_nagle_algorithm = True
@@ -453,6 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             # The client gave up (for example after its own timeout).
             self.close_connection = True
