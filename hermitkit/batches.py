@@ -392,7 +392,10 @@ def batch_run_statuses(session: Session, batch_id: int) -> dict[str, int]:
 
 def judge_transcript_rows(session: Session, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load the transcript and exact protocol counts of a run, as the judge receives them."""
-    run = session.get(Run, run_id)
+    # Core statements only, so the runner's writer can run this on a plain connection.
+    run = session.execute(
+        select(Run.turn_count, Run.ok_count, Run.multiple_count, Run.unbalanced_count, Run.empty_count, Run.missing_count).where(Run.id == run_id)
+    ).one_or_none()
     if run is None:
         raise KeyError(run_id)
     history = load_history(session, run_id)

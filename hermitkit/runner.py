@@ -107,7 +107,8 @@ class BatchExecution:
         self._writer = writer_for(
             store,
             merged={batches.add_exchange: batches.add_exchanges},
-            core=frozenset({batches.add_exchange}),
+            # These run only Core statements, so SQLite writes them without an ORM session.
+            core=frozenset({batches.add_exchange, batches.begin_run, batches.load_history, batches.finish_run, batches.judge_inputs, batches.add_judgement}),
             statements={batches.add_exchange: batches.add_exchanges_statement},
         )
         self._bar: Any = None
