@@ -14,6 +14,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from hermitkit import writer as writer_module
 from hermitkit.store import Store
 from hermitkit.writer import AsyncWriter, LoopWriter, Writer, writer_for
 
@@ -232,4 +233,34 @@ def test_async_writer_reconnects_after_lost_connection(postgres_url: str) -> Non
 
     assert run_with(AsyncWriter(store), main) == [1, 2]
     assert stored_keys(store) == [1, 2]
+    store.dispose()
+
+
+def test_loop_writer_checkpoints_on_its_own_thread(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "CHECKPOINT_EVERY", 10)
+    store = Store(sqlite_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    writer = LoopWriter(store, core=frozenset({insert_key}))
+    settings: list[int] = []
+
+    async def main(writer: Writer) -> None:
+        for k in range(25):
+            await writer.run(insert_key, k=k)
+        assert writer._connection is not None
+        settings.append(writer._connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        checkpointer = writer._checkpointer
+        assert checkpointer is not None
+        await writer.aclose()
+        # Requests after 10 and 20 commits and a last one on close; requests made before
+        # the thread got to run count once.
+        assert checkpointer.checkpoints >= 1
+
+    run_with(writer, main)
+
+    # The writer's connection never checkpoints; back in the pool it has SQLite's default again.
+    assert settings == [0]
+    with store.engine.connect() as connection:
+        assert connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert stored_keys(store) == list(range(25))
     store.dispose()
