@@ -12,6 +12,7 @@ not validate becomes a ``ParseFailure`` with a reason code, never an exception.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -337,7 +338,9 @@ def _render_counts(counts: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
 def _render_output_format() -> str:
+    # The schema is a constant; rendering it once saves a JSON dump per verdict request.
     return (
         "## Output\n"
         "Reply with exactly one JSON object that matches the JSON Schema below: no code "
