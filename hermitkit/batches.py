@@ -245,7 +245,7 @@ def add_exchanges(session: Session, exchanges: list[dict[str, Any]]) -> list[Non
 
 
 def _group_rows(exchanges: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The turn rows, run-count updates and completed runs of a group of exchanges."""
+    """Build the turn rows, run-count updates and completed runs of a group of exchanges."""
     rows: list[dict[str, Any]] = []
     counts: list[dict[str, Any]] = []
     completed: list[dict[str, Any]] = []

@@ -1,9 +1,9 @@
 """The sockets under ``http_pool.PooledTransport``: asyncio transports and protocols.
 
-It keeps httpcore's network backend interface and exceptions, which
-``http_pool`` maps to httpx's. httpcore 1.0's own async backend goes through anyio,
-which enters a cancel scope for every read and write; this one waits on one asyncio
-future per read and bounds each wait with ``asyncio.timeout``. It opens TCP
+It keeps httpcore's network backend interface and exceptions, which ``http_pool`` maps
+to httpx's. httpcore 1.0's own async backend goes through anyio, which enters a cancel
+scope for every read and write. This one waits on one asyncio future per read and
+bounds each wait with ``asyncio.timeout``. It opens TCP
 connections and upgrades them to TLS; it has no Unix socket support, because hermitkit
 never connects to one.
 """

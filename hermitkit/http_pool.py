@@ -2,12 +2,12 @@
 
 hermitkit sends many small JSON requests at once, up to one per run in flight. httpcore
 1.0's connection pool, with which httpx serves them, spent most of the client's CPU time
-per request on the benchmark machine: its pool walks every connection on each request
-and release, and each request takes anyio locks and cancel scopes that look up the
-running async library every time (benchmarks/README.md has the profiles). This
-transport keeps the same parts that do the work, h11 for the HTTP/1.1 messages and
-asyncio transports for the sockets (``http_backend``), and replaces the bookkeeping
-around them with a semaphore and a stack of idle connections per origin.
+per request on the benchmark machine (benchmarks/README.md has the profiles). Its pool
+walks every connection on each request and release. Each request also takes anyio
+locks and cancel scopes, which look up the running async library every time. This
+transport keeps the parts that do the work, h11 for the HTTP/1.1 messages and asyncio
+transports for the sockets (``http_backend``). It replaces the bookkeeping around them
+with a semaphore and a stack of idle connections per origin.
 
 It reads each response body whole before it returns, because hermitkit's client never
 streams. It does not speak to proxies: ``client._default_transport`` uses httpx's own
@@ -99,7 +99,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
     A request waits for a free connection slot (the ``pool`` timeout) and then reuses
     the connection that was idle for the shortest time, or opens a new one. A connection
     returns to the pool only when its response was read to the end and neither side
-    asked to close it; idle connections older than ``keepalive_expiry`` seconds are
+    asked to close it. Idle connections older than ``keepalive_expiry`` seconds are
     closed instead of reused. ``ssl_context`` defaults to httpx's (certifi's CA bundle),
     loaded on the first https request.
     """

@@ -294,10 +294,11 @@ class AsyncWriter(Writer):
     """Write each group through an asyncio database driver, for PostgreSQL.
 
     One task writes the groups one after the other; calls queued while a group is in
-    flight form the next group. ``statements`` maps an action to a function that turns
-    several calls into one statement that is atomic on its own. A group made only of
-    such calls is sent as that statement outside a transaction block, in one round
-    trip; any other group runs in a transaction through ``AsyncSession.run_sync``.
+    flight form the next group. ``statements`` maps an action that returns None to a
+    function that turns several of its calls into one statement, atomic on its own. A
+    group made only of such calls is sent as that statement outside a transaction
+    block, in one round trip. Any other group runs in a transaction through
+    ``AsyncSession.run_sync``.
     """
 
     def __init__(
@@ -398,7 +399,7 @@ def writer_for(
     core: frozenset[Action] = frozenset(),
     statements: dict[Action, Statement] | None = None,
 ) -> Writer:
-    """The writer that suits ``store``'s database: ``AsyncWriter`` for PostgreSQL, ``LoopWriter`` otherwise."""
+    """Create the writer that suits ``store``'s database: ``AsyncWriter`` for PostgreSQL, ``LoopWriter`` otherwise."""
     if store.dialect == "postgresql":
         return AsyncWriter(store, merged=merged, statements=statements)
     return LoopWriter(store, merged=merged, core=core)

@@ -99,7 +99,7 @@ class _CountingHandler(BaseHTTPRequestHandler):
     ports: list[int] = []
     delay_s = 0.0
     in_flight = 0
-    most_in_flight = 0
+    max_in_flight = 0
     lock = threading.Lock()
 
     def do_POST(self) -> None:
@@ -107,7 +107,7 @@ class _CountingHandler(BaseHTTPRequestHandler):
         with self.lock:
             type(self).ports.append(self.client_address[1])
             type(self).in_flight += 1
-            type(self).most_in_flight = max(type(self).most_in_flight, type(self).in_flight)
+            type(self).max_in_flight = max(type(self).max_in_flight, type(self).in_flight)
         time.sleep(self.delay_s)
         with self.lock:
             type(self).in_flight -= 1
@@ -118,7 +118,7 @@ class _CountingHandler(BaseHTTPRequestHandler):
 
 
 def _counting_handler(delay_s: float) -> type[_CountingHandler]:
-    return type("Handler", (_CountingHandler,), {"ports": [], "delay_s": delay_s, "in_flight": 0, "most_in_flight": 0, "lock": threading.Lock()})
+    return type("Handler", (_CountingHandler,), {"ports": [], "delay_s": delay_s, "in_flight": 0, "max_in_flight": 0, "lock": threading.Lock()})
 
 
 def test_transport_keeps_to_its_connection_limit() -> None:
@@ -139,7 +139,7 @@ def test_transport_keeps_to_its_connection_limit() -> None:
 
     assert [response.status_code for response in responses] == [200] * 40
     assert all(response.json()["choices"][0]["message"]["content"] == "{hello}" for response in responses)
-    assert handler.most_in_flight == 4
+    assert handler.max_in_flight == 4
     assert len(set(handler.ports)) == 4
     assert transport.idle_connections == 0
 

@@ -173,14 +173,16 @@ def test_core_action_gets_a_connection(sqlite_url: str) -> None:
     # plain connection.
     writer = LoopWriter(store, core=frozenset({insert_core}))
     assert run_with(writer, main) == [1, 2, 3]
-    assert len(received) == 2 and all(issubclass(kind, Session) for kind in received)
+    assert len(received) == 2
+    assert all(issubclass(kind, Session) for kind in received)
 
     async def core_only(writer: Writer) -> list[int]:
         return await asyncio.gather(writer.run(insert_core, k=4), writer.run(insert_core, k=5))
 
     received.clear()
     assert run_with(LoopWriter(store, core=frozenset({insert_core})), core_only) == [4, 5]
-    assert all(issubclass(kind, Connection) for kind in received) and len(received) == 2
+    assert len(received) == 2
+    assert all(issubclass(kind, Connection) for kind in received)
 
 
 def insert_keys_statement(calls: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
