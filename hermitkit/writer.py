@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -150,6 +151,7 @@ class LoopWriter(Writer):
         self._connection: Connection | None = None
         self._checkpointer: _Checkpointer | None = None
         self._commits = 0
+        self._sqlite = store.dialect == "sqlite"
 
     async def aclose(self) -> None:
         self._closing = True
@@ -218,7 +220,7 @@ class LoopWriter(Writer):
                 time.sleep(self.store.retry_delay_s(exc, attempt, self.attempts))
             else:
                 self._commits += 1
-                if self._commits % CHECKPOINT_EVERY == 0:
+                if self._sqlite and self._commits % CHECKPOINT_EVERY == 0:
                     self._checkpoint().request()
                 return result
         raise AssertionError("unreachable")
@@ -228,8 +230,9 @@ class LoopWriter(Writer):
             self._close_connection()
         if self._connection is None:
             connection = self.store.engine.connect()
-            # Straight on the sqlite3 connection, which has no open transaction here.
-            connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint = 0")
+            if self._sqlite:
+                # Straight on the sqlite3 connection, which has no open transaction here.
+                connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint = 0")
             self._connection = connection
         return self._connection
 
@@ -237,7 +240,7 @@ class LoopWriter(Writer):
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if not connection.invalidated:
+        if self._sqlite and not connection.invalidated:
             # The connection goes back to the pool, whose other users keep the default.
             connection.connection.driver_connection.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT}")
         connection.close()
@@ -399,8 +402,13 @@ def writer_for(
     core: frozenset[Action] = frozenset(),
     statements: dict[Action, Statement] | None = None,
 ) -> Writer:
-    """Create the writer that suits ``store``'s database: ``AsyncWriter`` for PostgreSQL, ``LoopWriter`` otherwise."""
-    if store.dialect == "postgresql":
+    """Create the writer that suits ``store``'s database: ``AsyncWriter`` for PostgreSQL, ``LoopWriter`` otherwise.
+
+    On Windows PostgreSQL also gets a ``LoopWriter``, which blocks the event loop for
+    each round trip. ``asyncio.run`` starts a Proactor event loop there, and psycopg
+    3.3 rejects it in asyncio mode ("Psycopg cannot use the 'ProactorEventLoop'").
+    """
+    if store.dialect == "postgresql" and sys.platform != "win32":
         return AsyncWriter(store, merged=merged, statements=statements)
     return LoopWriter(store, merged=merged, core=core)
 

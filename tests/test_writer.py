@@ -266,3 +266,21 @@ def test_loop_writer_checkpoints_on_its_own_thread(sqlite_url: str, monkeypatch:
         assert connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     assert stored_keys(store) == list(range(25))
     store.dispose()
+
+
+def test_loop_writer_on_postgresql(postgres_url: str) -> None:
+    # The writer that Windows uses for PostgreSQL, where psycopg's asyncio mode is unavailable.
+    store = Store(postgres_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    writer = LoopWriter(store, core=frozenset({insert_key}))
+
+    async def main(writer: Writer) -> list[Any]:
+        together = await asyncio.gather(*(writer.run(insert_key, k=k) for k in range(3)))
+        alone = await writer.run(insert_key, k=3)
+        return [together, alone]
+
+    assert run_with(writer, main) == [[0, 1, 2], 3]
+    assert writer._checkpointer is None
+    assert stored_keys(store) == [0, 1, 2, 3]
+    store.dispose()
