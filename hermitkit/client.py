@@ -182,6 +182,8 @@ def resolve_api_key(base_url: str, api_key_env: str | None = None) -> tuple[str 
 
 
 # Request headers that carry credentials; their values never appear in logs.
+# An API key is sent in the Authorization header, so it may only hold visible ASCII.
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
 
 
@@ -480,7 +482,14 @@ class OpenAICompatibleClient:
         self._is_openrouter = is_openrouter_url(self._base_url)
 
         env_key, self._api_key_env = resolve_api_key(self._base_url, api_key_env)
-        self.__api_key = api_key if api_key else env_key
+        self.__api_key = api_key.strip() if api_key else env_key
+        if self.__api_key is not None and not _HEADER_TOKEN.fullmatch(self.__api_key):
+            source = "given as api_key" if api_key else f"in {self._api_key_env}"
+            # The message never shows the key: it would reach logs and notebook outputs.
+            raise ConfigError(
+                f"The API key {source} contains a space, line break or other character that an HTTP "
+                "header cannot carry. Copy the key again, without them."
+            )
 
         self._timeout_s = timeout_s
         self._max_retries = max_retries

@@ -198,7 +198,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """Send one request and read its whole response; return it and whether the connection can be reused."""
         h11_connection = connection.h11
-        data = h11_connection.send(h11.Request(method=method, target=target, headers=headers))
+        try:
+            data = h11_connection.send(h11.Request(method=method, target=target, headers=headers))
+        except h11.LocalProtocolError:
+            # h11's message repeats the offending value, which may be a secret such as an API key.
+            raise httpx.LocalProtocolError("A request header name or value contains a character that HTTP does not allow.") from None
         if body:
             data += h11_connection.send(h11.Data(data=body))
         data += h11_connection.send(h11.EndOfMessage())

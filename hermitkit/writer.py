@@ -9,8 +9,8 @@ Both writers work on the event loop's own thread. An earlier writer thread lost 
 its time waiting for the GIL: after each database call it had to win the interpreter
 back from the busy event loop, and each such wait can last the switch interval (5 ms).
 
-- ``LoopWriter`` (SQLite) writes a group synchronously at the start of the next pass of
-  the event loop. A SQLite commit in WAL mode does not wait for the disk; four turns take
+- ``LoopWriter`` (SQLite, and PostgreSQL on Windows) writes a group synchronously at
+  the start of the next pass of the event loop. A SQLite commit in WAL mode does not wait for the disk; four turns take
   about 0.4 ms on the benchmark machine (benchmarks/README.md).
 - ``AsyncWriter`` (PostgreSQL) writes through psycopg's asyncio connection, so the event
   loop serves HTTP replies while a group is in flight. A group of exchanges is one
@@ -107,7 +107,7 @@ class Writer:
         return group
 
     def _merge(self, group: list[tuple[Action, dict[str, Any]]]) -> Callable[[Session], list[Any]]:
-        """One function that does the work of every call in ``group``, in order."""
+        """Return one function that does the work of every call in ``group``, in order."""
 
         def write_all(session: Session) -> list[Any]:
             results: list[Any] = []
@@ -128,7 +128,7 @@ class Writer:
 
 
 class LoopWriter(Writer):
-    """Write each group synchronously on the event loop's thread, for SQLite.
+    """Write each group synchronously on the event loop's thread, for SQLite (and PostgreSQL on Windows).
 
     The calls that reach ``run`` during one pass of the event loop are written as one
     transaction at the start of the next pass. The event loop waits while a group is
@@ -203,7 +203,6 @@ class LoopWriter(Writer):
             else:
                 self.transactions += 1
         return outcomes
-
 
     def _write(self, action: Callable[[Any], T], *, core: bool) -> T:
         """Run ``action`` as one transaction: on the kept connection when ``core``, else through ``Store.write``."""

@@ -549,3 +549,28 @@ def test_payload_usage_include_for_openrouter() -> None:
     payload = build_chat_payload("m", HELLO, include_usage=True)
 
     assert payload["usage"] == {"include": True}
+
+
+def test_key_with_control_character_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    with DemoServer() as server:
+        with pytest.raises(ConfigError) as given:
+            OpenAICompatibleClient(server.base_url, api_key="sk-abc\ndef")
+        monkeypatch.setenv("HERMITKIT_API_KEY", "sk-abc def")
+        with pytest.raises(ConfigError) as from_environment:
+            make_client(server)
+        requests = server.stats()["chat_requests"]
+
+    assert "given as api_key" in str(given.value)
+    assert "sk-abc" not in str(given.value)
+    assert "HERMITKIT_API_KEY" in str(from_environment.value)
+    assert "sk-abc" not in str(from_environment.value)
+    assert requests == {}
+
+
+def test_key_surrounding_whitespace_stripped() -> None:
+    with DemoServer(require_key=SECRET_KEY) as server:
+        reply = run_chat(OpenAICompatibleClient(server.base_url, api_key=f" {SECRET_KEY}\n"))
+        received = server.received_authorization
+
+    assert reply.content
+    assert received == [f"Bearer {SECRET_KEY}"]

@@ -511,3 +511,20 @@ def test_client_sends_through_environment_proxy(monkeypatch: pytest.MonkeyPatch)
 
     assert content == "{hello}"
     assert request_lines == ["POST http://upstream.example:9/v1/chat/completions HTTP/1.1"]
+
+
+def test_invalid_header_value_not_echoed(demo: DemoServer) -> None:
+    transport = PooledTransport(max_connections=1)
+    url = httpx.URL(f"{demo.base_url}/chat/completions")
+    headers = [(b"Host", url.netloc), (b"Authorization", b"Bearer sk-hidden\nx"), (b"Content-Length", b"2")]
+
+    async def main() -> None:
+        try:
+            await transport.send("POST", url, headers, b"{}", {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": None})
+        finally:
+            await transport.aclose()
+
+    with pytest.raises(httpx.LocalProtocolError) as caught:
+        asyncio.run(main())
+    assert "sk-hidden" not in str(caught.value)
+    assert "not allow" in str(caught.value)
