@@ -181,9 +181,10 @@ def resolve_api_key(base_url: str, api_key_env: str | None = None) -> tuple[str 
     return key, env_name
 
 
-# Request headers that carry credentials; their values never appear in logs.
 # An API key is sent in the Authorization header, so it may only hold visible ASCII.
 _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+# Request headers that carry credentials; their values never appear in logs.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
 
 
@@ -656,9 +657,10 @@ class OpenAICompatibleClient:
         if isinstance(transport, PooledTransport):
             key = (url, content is not None)
             if key not in self._raw_headers:
-                # httpx.Request adds Host and, for a body, Content-Length; one request
+                # httpx.Request adds Host and, for a body, Content-Length. One request
                 # per URL shows which headers httpx would send.
-                self._raw_headers[key] = [(name, value) for name, value in httpx.Request(method, self._urls[url], headers=headers, content=content).headers.raw if name.lower() != b"content-length"]
+                example = httpx.Request(method, self._urls[url], headers=headers, content=content)
+                self._raw_headers[key] = [(name, value) for name, value in example.headers.raw if name.lower() != b"content-length"]
             raw = self._raw_headers[key]
             if content is not None:
                 raw = [*raw, (b"Content-Length", str(len(content)).encode("ascii"))]

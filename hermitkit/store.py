@@ -432,7 +432,7 @@ class Store:
                 session.connection(execution_options={READ_ONLY_OPTION: True})
             yield session
 
-    def write(self, action: Callable[[Session], T], *, attempts: int = 10, core: bool = False) -> T:
+    def write(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
         """Run ``action`` in one transaction, retrying when the connection drops.
 
         A PostgreSQL backend can be restarted or a connection killed in the middle of a
@@ -440,12 +440,8 @@ class Store:
         With the default ``attempts`` the waits add up to about 20 s, enough for a server
         restart. Integrity errors are not retried, because the caller decides what a
         duplicate means. Raises StoreError when every attempt lost the connection.
-
-        With ``core`` the action receives a ``Connection`` instead of a ``Session``, which
-        saves the session's bookkeeping (about a fifth of a small transaction's CPU time
-        on SQLite); the action may then only execute Core statements.
         """
-        return self._transact(action, attempts=attempts, read_only=False, core=core)
+        return self._transact(action, attempts=attempts, read_only=False)
 
     def read(self, action: Callable[[Session], T], *, attempts: int = 10) -> T:
         """Run a read-only ``action``, retrying when the connection drops.
@@ -453,14 +449,11 @@ class Store:
         On SQLite the transaction does not take the write lock, so ``action`` must not
         write.
         """
-        return self._transact(action, attempts=attempts, read_only=True, core=False)
+        return self._transact(action, attempts=attempts, read_only=True)
 
-    def _transact(self, action: Callable[[Any], T], *, attempts: int, read_only: bool, core: bool) -> T:
+    def _transact(self, action: Callable[[Session], T], *, attempts: int, read_only: bool) -> T:
         for attempt in range(1, attempts + 1):
             try:
-                if core:
-                    with self.engine.begin() as connection:
-                        return action(connection)
                 with self.session(read_only=read_only) as session:
                     return action(session)
             except IntegrityError:
@@ -470,7 +463,7 @@ class Store:
         raise AssertionError("unreachable")
 
     def retry_delay_s(self, exc: DBAPIError, attempt: int, attempts: int) -> float:
-        """Seconds to wait before retrying a transaction that raised ``exc`` on ``attempt``.
+        """Return the seconds to wait before retrying a transaction that raised ``exc`` on ``attempt``.
 
         Re-raises ``exc`` when it is not a lost connection, and raises StoreError when
         this was the last of ``attempts``.
