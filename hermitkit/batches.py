@@ -205,6 +205,34 @@ def begin_run(session: Session, run_id: int, initial_prompt: str) -> list[dict[s
     return load_history(session, run_id)
 
 
+def begin_runs(session: Session, calls: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Do the work of several ``begin_run`` calls (their keyword arguments) with four statements in all.
+
+    On PostgreSQL each statement is a round trip, and a batch starts up to
+    ``concurrency`` runs at once. One by one, those starts held up the writer for tens
+    of milliseconds, and every run's exchanges waited behind them.
+    """
+    run_ids = list(dict.fromkeys(call["run_id"] for call in calls))
+    prompts = {call["run_id"]: call["initial_prompt"] for call in calls}
+    now = utcnow()
+
+    started = set(session.scalars(select(_TURNS.c.run_id).where(_TURNS.c.run_id.in_(run_ids), _TURNS.c.idx == 0)))
+    missing = [{"run_id": run_id, "idx": 0, "role": "user", "content": prompts[run_id], "created_at": now} for run_id in run_ids if run_id not in started]
+    if missing:
+        session.execute(_INSERT_TURNS, missing)
+    session.execute(_MARK_RUNNING, [{"target_run_id": run_id, "now": now} for run_id in run_ids])
+
+    histories: dict[int, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
+    rows = session.execute(
+        select(_TURNS.c.run_id, _TURNS.c.idx, _TURNS.c.role, _TURNS.c.content, _TURNS.c.turn_number, _TURNS.c.verdict)
+        .where(_TURNS.c.run_id.in_(run_ids))
+        .order_by(_TURNS.c.run_id, _TURNS.c.idx)
+    )
+    for run_id, idx, role, content, number, verdict in rows:
+        histories[run_id].append({"idx": idx, "role": role, "content": content or "", "turn": number, "verdict": verdict})
+    return [histories[call["run_id"]] for call in calls]
+
+
 def add_exchange(
     session: Session,
     *,
@@ -390,27 +418,64 @@ def batch_run_statuses(session: Session, batch_id: int) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+_COUNT_COLUMNS = (Run.turn_count, Run.ok_count, Run.multiple_count, Run.unbalanced_count, Run.empty_count, Run.missing_count)
+
+
 def judge_transcript_rows(session: Session, run_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load the transcript and exact protocol counts of a run, as the judge receives them."""
     # Core statements only, so the runner's writer can run this on a plain connection.
-    run = session.execute(
-        select(Run.turn_count, Run.ok_count, Run.multiple_count, Run.unbalanced_count, Run.empty_count, Run.missing_count).where(Run.id == run_id)
-    ).one_or_none()
+    run = session.execute(select(*_COUNT_COLUMNS).where(Run.id == run_id)).one_or_none()
     if run is None:
         raise KeyError(run_id)
-    history = load_history(session, run_id)
-    transcript = [{"role": m["role"], "content": m["content"], "turn": m["turn"], "verdict": m["verdict"]} for m in history]
-    failures = run.missing_count + run.empty_count
-    counts = {
-        "turns": run.turn_count,
-        "ok": run.ok_count,
-        "failures": failures,
-        "malformed": run.multiple_count + run.unbalanced_count,
-        "empty": run.empty_count,
-        "missing": run.missing_count,
-        "compliance_rate": (run.ok_count / run.turn_count) if run.turn_count else None,
+    return _judge_transcript(load_history(session, run_id)), _judge_counts(*run)
+
+
+def _judge_transcript(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"role": m["role"], "content": m["content"], "turn": m["turn"], "verdict": m["verdict"]} for m in history]
+
+
+def _judge_counts(turns: int, ok: int, multiple: int, unbalanced: int, empty: int, missing: int) -> dict[str, Any]:
+    return {
+        "turns": turns,
+        "ok": ok,
+        "failures": missing + empty,
+        "malformed": multiple + unbalanced,
+        "empty": empty,
+        "missing": missing,
+        "compliance_rate": (ok / turns) if turns else None,
     }
-    return transcript, counts
+
+
+def judge_inputs_many(session: Session, calls: list[dict[str, Any]]) -> list[tuple[list[str], list[dict[str, Any]], dict[str, Any]]]:
+    """Do the work of several ``judge_inputs`` calls (their keyword arguments) with three reads in all."""
+    run_ids = list(dict.fromkeys(call["run_id"] for call in calls))
+    done: dict[int, set[str]] = {run_id: set() for run_id in run_ids}
+    for run_id, judge in session.execute(select(Judgement.run_id, Judgement.judge_model).where(Judgement.run_id.in_(run_ids), Judgement.round == 0)):
+        done[run_id].add(judge)
+    pending = [[judge for judge in call["judges"] if judge not in done[call["run_id"]]] for call in calls]
+    needed = list(dict.fromkeys(call["run_id"] for call, judges in zip(calls, pending, strict=True) if judges))
+    if not needed:
+        return [([], [], {}) for _ in calls]
+
+    counts = {row[0]: _judge_counts(*row[1:]) for row in session.execute(select(Run.id, *_COUNT_COLUMNS).where(Run.id.in_(needed)))}
+    histories: dict[int, list[dict[str, Any]]] = {run_id: [] for run_id in needed}
+    rows = session.execute(
+        select(_TURNS.c.run_id, _TURNS.c.role, _TURNS.c.content, _TURNS.c.turn_number, _TURNS.c.verdict)
+        .where(_TURNS.c.run_id.in_(needed))
+        .order_by(_TURNS.c.run_id, _TURNS.c.idx)
+    )
+    for run_id, role, content, number, verdict in rows:
+        histories[run_id].append({"role": role, "content": content or "", "turn": number, "verdict": verdict})
+
+    results: list[tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = []
+    for call, judges in zip(calls, pending, strict=True):
+        if not judges:
+            results.append(([], [], {}))
+            continue
+        if call["run_id"] not in counts:
+            raise KeyError(call["run_id"])
+        results.append((judges, histories[call["run_id"]], counts[call["run_id"]]))
+    return results
 
 
 def next_judge_round(session: Session, run_id: int, judge_model: str) -> int:
@@ -424,38 +489,45 @@ def add_judgement(session: Session, *, run_id: int, judge_model: str, round_: in
     A parse failure is stored with the raw reply and no scores, so it is counted but
     never averaged as a zero.
     """
+    session.execute(_INSERT_JUDGEMENT, _judgement_row(run_id=run_id, judge_model=judge_model, round_=round_, outcome=outcome))
+
+
+def add_judgements(session: Session, calls: list[dict[str, Any]]) -> list[None]:
+    """Do the work of several ``add_judgement`` calls (their keyword arguments) with one executemany."""
+    session.execute(_INSERT_JUDGEMENT, [_judgement_row(**call) for call in calls])
+    return [None] * len(calls)
+
+
+def _judgement_row(*, run_id: int, judge_model: str, round_: int, outcome: Any) -> dict[str, Any]:
     verdict = outcome.verdict.to_dict() if outcome.verdict is not None else {}
     failure = outcome.failure
-    session.execute(
-        _INSERT_JUDGEMENT,
-        dict(
-            run_id=run_id,
-            judge_model=judge_model,
-            round=round_,
-            status=outcome.status,
-            mirror_test=verdict.get("mirror_test"),
-            self_awareness=verdict.get("self_awareness"),
-            refusal=verdict.get("refusal"),
-            topics=list(verdict["topics"]) if "topics" in verdict else None,
-            topic_summary=verdict.get("topic_summary"),
-            exploration_style=verdict.get("exploration_style"),
-            sophistication=verdict.get("sophistication"),
-            autonomy=verdict.get("autonomy"),
-            emergent_behaviour=verdict.get("emergent_behaviour"),
-            context_loss=verdict.get("context_loss"),
-            analysis=verdict.get("analysis"),
-            raw_reply=outcome.raw_reply,
-            retry_reply=outcome.retry_reply,
-            repair_reply=outcome.repair_reply,
-            failure_reason=failure.reason if failure is not None else None,
-            failure_detail=failure.detail if failure is not None else None,
-            attempts=outcome.attempts,
-            truncated=outcome.truncated,
-            sampling=outcome.sampling,
-            prompt_version=outcome.prompt_version,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            cost_usd=outcome.cost_usd,
-            created_at=utcnow(),
-        ),
+    return dict(
+        run_id=run_id,
+        judge_model=judge_model,
+        round=round_,
+        status=outcome.status,
+        mirror_test=verdict.get("mirror_test"),
+        self_awareness=verdict.get("self_awareness"),
+        refusal=verdict.get("refusal"),
+        topics=list(verdict["topics"]) if "topics" in verdict else None,
+        topic_summary=verdict.get("topic_summary"),
+        exploration_style=verdict.get("exploration_style"),
+        sophistication=verdict.get("sophistication"),
+        autonomy=verdict.get("autonomy"),
+        emergent_behaviour=verdict.get("emergent_behaviour"),
+        context_loss=verdict.get("context_loss"),
+        analysis=verdict.get("analysis"),
+        raw_reply=outcome.raw_reply,
+        retry_reply=outcome.retry_reply,
+        repair_reply=outcome.repair_reply,
+        failure_reason=failure.reason if failure is not None else None,
+        failure_detail=failure.detail if failure is not None else None,
+        attempts=outcome.attempts,
+        truncated=outcome.truncated,
+        sampling=outcome.sampling,
+        prompt_version=outcome.prompt_version,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        cost_usd=outcome.cost_usd,
+        created_at=utcnow(),
     )

@@ -106,7 +106,12 @@ class BatchExecution:
         # writes queued while a group is written share the next commit.
         self._writer = writer_for(
             store,
-            merged={batches.add_exchange: batches.add_exchanges},
+            merged={
+                batches.add_exchange: batches.add_exchanges,
+                batches.begin_run: batches.begin_runs,
+                batches.judge_inputs: batches.judge_inputs_many,
+                batches.add_judgement: batches.add_judgements,
+            },
             # These run only Core statements, so SQLite writes them without an ORM session.
             core=frozenset({batches.add_exchange, batches.begin_run, batches.load_history, batches.finish_run, batches.judge_inputs, batches.add_judgement}),
             statements={batches.add_exchange: batches.add_exchanges_statement},

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
@@ -322,12 +322,14 @@ class AsyncWriter(Writer):
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
+        self._connection: AsyncConnection | None = None
 
     async def aclose(self) -> None:
         self._closing = True
         if self._task is not None:
             self._wake()
             await asyncio.shield(self._task)
+        await self._close_statement_connection()
         await self._engine.dispose()
 
     def _wake(self) -> None:
@@ -378,8 +380,8 @@ class AsyncWriter(Writer):
             try:
                 if one_statement:
                     statement, parameters = self.statements[action]([kwargs for _, kwargs in group])
-                    async with self._autocommit.connect() as connection:
-                        await connection.execute(statement, parameters)
+                    connection = await self._statement_connection()
+                    await connection.execute(statement, parameters)
                     results: list[Any] = [None] * len(group)
                 else:
                     async with self._sessions() as session, session.begin():
@@ -387,11 +389,25 @@ class AsyncWriter(Writer):
             except IntegrityError:
                 raise
             except (OperationalError, DBAPIError) as exc:
+                if self._connection is not None and self._connection.invalidated:
+                    await self._close_statement_connection()
                 await asyncio.sleep(self.store.retry_delay_s(exc, attempt, self.attempts))
             else:
                 self.transactions += 1
                 return results
         raise AssertionError("unreachable")
+
+    async def _statement_connection(self) -> AsyncConnection:
+        # Kept open between groups: taking a connection from the pool and returning it
+        # (with its reset) took 0.4 ms per group, a fifth of the group's time.
+        if self._connection is None:
+            self._connection = await self._autocommit.connect()
+        return self._connection
+
+    async def _close_statement_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
 
 
 def writer_for(
