@@ -226,3 +226,72 @@ def test_postgresql_statement_rejects_duplicate_and_too_long_values(postgres_url
     assert _run(store, run_id).turn_count == 1
     assert [row[0] for row in _turn_rows(store, run_id)] == [0, 1, 2]
     store.dispose()
+
+
+def test_begin_runs_matches_begin_run(store: Store) -> None:
+    _, fresh, prompt = _new_run(store, turns=2)
+    _, resumed, _ = _new_run(store, turns=2)
+    _exchange(store, resumed, 1, completes_run=False)
+    _, alone, _ = _new_run(store, turns=2)
+    # Reset the runs to pending, with the initial prompt of one of them removed, so that
+    # begin_runs has a prompt to insert.
+    store.write(lambda session: session.execute(Run.__table__.update().where(Run.id.in_([fresh, resumed, alone])).values(status="pending")))
+    store.write(lambda session: session.execute(Turn.__table__.delete().where(Turn.run_id == fresh)))
+
+    merged = store.write(lambda session: batches.begin_runs(session, [dict(run_id=fresh, initial_prompt=prompt), dict(run_id=resumed, initial_prompt=prompt)]))
+    single = store.write(partial(batches.begin_run, run_id=alone, initial_prompt=prompt))
+
+    assert [message["role"] for message in merged[0]] == ["user"]
+    assert merged[0][0]["content"] == prompt
+    assert [message["role"] for message in merged[1]] == ["user", "assistant", "user"]
+    assert merged[1] == store.read(partial(batches.load_history, run_id=resumed))
+    assert single == [{"idx": 0, "role": "user", "content": prompt, "turn": None, "verdict": None}]
+    assert {_run(store, run_id).status for run_id in (fresh, resumed, alone)} == {"running"}
+
+
+def _failed_outcome() -> JudgeOutcome:
+    return JudgeOutcome(
+        status="parse_failed",
+        verdict=None,
+        raw_reply="not json",
+        repair_reply=None,
+        failure=None,
+        attempts=1,
+        truncated=False,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cost_usd=None,
+        sampling={},
+    )
+
+
+def test_judge_inputs_many_matches_judge_inputs(store: Store) -> None:
+    _, first, _ = _new_run(store, turns=1)
+    _exchange(store, first, 1, completes_run=True)
+    _, second, _ = _new_run(store, turns=1)
+    _exchange(store, second, 1, completes_run=True)
+    outcome = _failed_outcome()
+    store.write(partial(batches.add_judgement, run_id=second, judge_model="demo/judge", round_=0, outcome=outcome))
+    calls = [dict(run_id=first, judges=["demo/judge", "other/judge"]), dict(run_id=second, judges=["demo/judge"])]
+
+    merged = store.read(lambda session: batches.judge_inputs_many(session, calls))
+    single = [store.read(partial(batches.judge_inputs, **call)) for call in calls]
+
+    assert merged == single
+    assert merged[0][0] == ["demo/judge", "other/judge"]
+    assert merged[1] == ([], [], {})
+
+
+def test_add_judgements_stores_each_outcome(store: Store) -> None:
+    _, first, _ = _new_run(store, turns=1)
+    _, second, _ = _new_run(store, turns=1)
+    outcome = _failed_outcome()
+    calls = [dict(run_id=run_id, judge_model="demo/judge", round_=0, outcome=outcome) for run_id in (first, second)]
+
+    results = store.write(lambda session: batches.add_judgements(session, calls))
+    judged = {run_id: store.read(partial(batches.judged_by, run_id=run_id)) for run_id in (first, second)}
+
+    assert results == [None, None]
+    assert judged == {first: {"demo/judge"}, second: {"demo/judge"}}
+    with pytest.raises(IntegrityError):
+        store.write(lambda session: batches.add_judgements(session, calls[:1]))
