@@ -124,7 +124,7 @@ async def bare_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency
 
 
 async def bare_transport_loop(base_url: str, runs: list[list[dict[str, Any]]], concurrency: int) -> float:
-    """Post every body through one PooledTransport, as hermitkit's client does; return the seconds taken."""
+    """Post every body through one PooledTransport, as hermitkit's client does, and return the seconds taken."""
     queue: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
     for bodies in runs:
         queue.put_nowait(bodies)

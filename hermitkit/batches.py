@@ -288,8 +288,8 @@ def _group_rows(exchanges: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
 
 
 def _postgresql_array_type(column: Any) -> str:
-    # Strings go in as text[]: a cast to varchar(n)[] would cut long values silently,
-    # while the insert's own cast to the column type rejects them as usual.
+    # Strings are passed as text[], because a cast to varchar(n)[] would cut long values
+    # silently. The insert's own cast to the column type rejects them as usual.
     compiled = column.type.compile(dialect=postgresql.dialect())
     return "TEXT" if compiled.startswith("VARCHAR") else compiled
 
@@ -304,10 +304,12 @@ _COUNT_TYPES = {
 }
 
 # The work of add_exchanges on PostgreSQL as one statement, which needs one round trip
-# and no transaction block: unnest() turns one array parameter per column into rows.
-# The statement text is the same for any number of exchanges, so PostgreSQL prepares
-# it once per connection. Each run appears once per group, so the counts update and
-# the completion are one UPDATE per run (a statement may not change a row twice).
+# and no transaction block. unnest() turns one array parameter per column into rows.
+# The statement text is the same for any number of exchanges, so psycopg prepares it
+# once per connection, from its fifth use on (psycopg's default prepare_threshold).
+# Each run appears once per group, so the counts update and the completion are one
+# UPDATE per run, because PostgreSQL does not support updating a row twice in one
+# statement.
 _POSTGRESQL_ADD_EXCHANGES = text(
     "WITH new_turns AS (INSERT INTO turns ("
     + ", ".join(_TURN_COLUMNS)
@@ -329,7 +331,7 @@ _POSTGRESQL_ADD_EXCHANGES = text(
 
 
 def add_exchanges_statement(exchanges: list[dict[str, Any]]) -> tuple[TextClause, dict[str, Any]]:
-    """``add_exchanges`` on PostgreSQL as one statement and its parameters.
+    """Build the work of ``add_exchanges`` as one PostgreSQL statement and return it with its parameters.
 
     The statement is atomic on its own, so it may run outside a transaction block. A
     turn that is already stored fails the whole statement with an IntegrityError, as

@@ -181,7 +181,7 @@ def resolve_api_key(base_url: str, api_key_env: str | None = None) -> tuple[str 
     return key, env_name
 
 
-# An API key is sent in the Authorization header, so it may only hold visible ASCII.
+# An API key is sent in the Authorization header, so it may only contain visible ASCII.
 _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 # Request headers that carry credentials; their values never appear in logs.
@@ -486,7 +486,7 @@ class OpenAICompatibleClient:
         self.__api_key = api_key.strip() if api_key else env_key
         if self.__api_key is not None and not _HEADER_TOKEN.fullmatch(self.__api_key):
             source = "given as api_key" if api_key else f"in {self._api_key_env}"
-            # The message never shows the key: it would reach logs and notebook outputs.
+            # The message never shows the key, because it would reach logs and notebook outputs.
             raise ConfigError(
                 f"The API key {source} contains a space, line break or other character that an HTTP "
                 "header cannot carry. Copy the key again, without them."

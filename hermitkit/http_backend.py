@@ -124,7 +124,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return b""
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        """Send ``buffer``; wait only while the send buffer is above its high-water mark."""
+        """Send ``buffer``, and wait only while the send buffer is above its high-water mark."""
         if not buffer:
             return
         if self._transport.is_closing():
@@ -143,7 +143,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self.close_now()
 
     def close_now(self) -> None:
-        """Close the connection without waiting; asyncio still sends what is buffered."""
+        """Close the connection without waiting. asyncio still sends what is buffered."""
         self._transport.close()
 
     async def start_tls(

@@ -32,8 +32,8 @@ from hermitkit.http_backend import AsyncioBackend, AsyncioStream
 # Bytes asked of the socket per read; a reply of a few kilobytes arrives in one.
 READ_SIZE = 64 * 1024
 
-# httpcore's exceptions, which the network backend raises, and the httpx exceptions that
-# callers catch. Subclasses come before their bases, so the first match is the most
+# The exceptions of httpcore (raised by the network backend) and h11, and the httpx
+# exceptions that callers catch. Subclasses come before their bases, so the first match is the most
 # specific one.
 _EXCEPTION_MAP: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
@@ -80,7 +80,7 @@ class _Connection:
         self.idle_since = 0.0
 
     def is_stale(self, now: float, keepalive_expiry: float | None) -> bool:
-        """True when the connection may not carry another request."""
+        """Return True when the connection may not carry another request."""
         if keepalive_expiry is not None and now - self.idle_since > keepalive_expiry:
             return True
         # Bytes or EOF on an idle connection mean that the server has closed it.
@@ -196,7 +196,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _exchange(
         self, connection: _Connection, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, timeouts: dict[str, float | None]
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-        """Send one request and read its whole response; return it and whether the connection can be reused."""
+        """Send one request, read its whole response, and return it with whether the connection can be reused."""
         h11_connection = connection.h11
         try:
             data = h11_connection.send(h11.Request(method=method, target=target, headers=headers))

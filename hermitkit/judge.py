@@ -340,7 +340,7 @@ def _render_counts(counts: Mapping[str, Any]) -> str:
 
 @functools.cache
 def _render_output_format() -> str:
-    # The schema is a constant; rendering it once saves a JSON dump per verdict request.
+    # The schema is a constant, so rendering it once saves a JSON dump per verdict request.
     return (
         "## Output\n"
         "Reply with exactly one JSON object that matches the JSON Schema below: no code "

@@ -6,12 +6,13 @@ arrive while a group is being written are queued and then written together as th
 group, so under load one commit covers many calls.
 
 Both writers work on the event loop's own thread. An earlier writer thread lost most of
-its time waiting for the GIL: after each database call it had to win the interpreter
-back from the busy event loop, and each such wait can last the switch interval (5 ms).
+its time waiting for the GIL. After each database call it had to reacquire the GIL from
+the busy event loop, and each such wait can last the switch interval (5 ms by default).
 
 - ``LoopWriter`` (SQLite, and PostgreSQL on Windows) writes a group synchronously at
-  the start of the next pass of the event loop. A SQLite commit in WAL mode does not wait for the disk; four turns take
-  about 0.4 ms on the benchmark machine (benchmarks/README.md).
+  the start of the next pass of the event loop. A SQLite commit in WAL mode does not
+  wait for the disk, so a group of one or two exchanges takes 0.2 to 0.3 ms on the
+  benchmark machine (benchmarks/README.md).
 - ``AsyncWriter`` (PostgreSQL) writes through psycopg's asyncio connection, so the event
   loop serves HTTP replies while a group is in flight. A group of exchanges is one
   statement and one round trip (``batches.add_exchanges_statement``).
@@ -55,10 +56,10 @@ CHECKPOINT_EVERY = 250
 SQLITE_AUTOCHECKPOINT = 1000
 
 Action = Callable[..., Any]
-# Does the work of several calls of one action at once: takes the session and the list
-# of their keyword arguments and returns the list of their results.
+# A function that does the work of several calls of one action at once. It takes the
+# session and the list of their keyword arguments and returns the list of their results.
 Merged = Callable[[Session, list[dict[str, Any]]], list[Any]]
-# Builds one atomic statement, and its parameters, for several calls of one action.
+# A function that builds one atomic statement, and its parameters, for several calls of one action.
 Statement = Callable[[list[dict[str, Any]]], tuple[Executable, dict[str, Any]]]
 
 _Call = tuple[Action, dict[str, Any], "asyncio.Future[Any]"]
@@ -179,7 +180,7 @@ class LoopWriter(Writer):
         _set_results([(future, ok, value) for (_, _, future), (ok, value) in zip(group, outcomes, strict=True)])
 
     def _write_group(self, group: list[tuple[Action, dict[str, Any]]]) -> list[tuple[bool, Any]]:
-        """Write one group as one transaction; return (succeeded, result or exception) per call."""
+        """Write one group as one transaction and return (succeeded, result or exception) per call."""
         core = all(action in self.core for action, _ in group)
         if len(group) > 1:
             try:
@@ -205,7 +206,7 @@ class LoopWriter(Writer):
         return outcomes
 
     def _write(self, action: Callable[[Any], T], *, core: bool) -> T:
-        """Run ``action`` as one transaction: on the kept connection when ``core``, else through ``Store.write``."""
+        """Run ``action`` as one transaction, on the kept connection when ``core`` and through ``Store.write`` otherwise."""
         if not core:
             return self.store.write(action, attempts=self.attempts)
         for attempt in range(1, self.attempts + 1):

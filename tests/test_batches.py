@@ -54,6 +54,22 @@ def _exchange(store: Store, run_id: int, turn_number: int, *, completes_run: boo
     )
 
 
+def _failed_outcome() -> JudgeOutcome:
+    return JudgeOutcome(
+        status="parse_failed",
+        verdict=None,
+        raw_reply="not json",
+        repair_reply=None,
+        failure=None,
+        attempts=1,
+        truncated=False,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cost_usd=None,
+        sampling={},
+    )
+
+
 def _run(store: Store, run_id: int) -> Run:
     return store.read(lambda session: session.scalars(select(Run).where(Run.id == run_id)).one())
 
@@ -109,19 +125,7 @@ def test_judge_inputs_pending_and_transcript(store: Store) -> None:
 def test_judge_inputs_skip_judged_run(store: Store) -> None:
     _, run_id, _ = _new_run(store, turns=1)
     _exchange(store, run_id, 1, completes_run=True)
-    outcome = JudgeOutcome(
-        status="parse_failed",
-        verdict=None,
-        raw_reply="not json",
-        repair_reply=None,
-        failure=None,
-        attempts=1,
-        truncated=False,
-        prompt_tokens=None,
-        completion_tokens=None,
-        cost_usd=None,
-        sampling={},
-    )
+    outcome = _failed_outcome()
     store.write(partial(batches.add_judgement, run_id=run_id, judge_model="demo/judge", round_=0, outcome=outcome))
 
     assert store.read(partial(batches.judge_inputs, run_id=run_id, judges=["demo/judge"])) == ([], [], {})
@@ -205,7 +209,7 @@ def test_postgresql_statement_matches_add_exchanges(postgres_url: str) -> None:
     store.dispose()
 
 
-def test_postgresql_statement_rejects_duplicate_and_too_long_values(postgres_url: str) -> None:
+def test_postgresql_statement_rejects_bad_rows(postgres_url: str) -> None:
     store = Store(postgres_url)
     _, run_id, _ = _new_run(store, turns=3)
     reply = ChatReply(content="{a}", prompt_tokens=1, completion_tokens=1)
@@ -247,22 +251,6 @@ def test_begin_runs_matches_begin_run(store: Store) -> None:
     assert merged[1] == store.read(partial(batches.load_history, run_id=resumed))
     assert single == [{"idx": 0, "role": "user", "content": prompt, "turn": None, "verdict": None}]
     assert {_run(store, run_id).status for run_id in (fresh, resumed, alone)} == {"running"}
-
-
-def _failed_outcome() -> JudgeOutcome:
-    return JudgeOutcome(
-        status="parse_failed",
-        verdict=None,
-        raw_reply="not json",
-        repair_reply=None,
-        failure=None,
-        attempts=1,
-        truncated=False,
-        prompt_tokens=None,
-        completion_tokens=None,
-        cost_usd=None,
-        sampling={},
-    )
 
 
 def test_judge_inputs_many_matches_judge_inputs(store: Store) -> None:

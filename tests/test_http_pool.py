@@ -83,6 +83,15 @@ async def _post(transport: httpx.AsyncBaseTransport, url: str, timeout_s: float 
     return response
 
 
+async def _post_once(url: str, timeout_s: float = 10.0, max_connections: int = 1) -> httpx.Response:
+    """Post one request through a new transport, then close the transport."""
+    transport = PooledTransport(max_connections=max_connections)
+    try:
+        return await _post(transport, url, timeout_s)
+    finally:
+        await transport.aclose()
+
+
 def _exception_chain(exc: BaseException) -> list[type[BaseException]]:
     chain: list[type[BaseException]] = []
     current: BaseException | None = exc
@@ -144,7 +153,7 @@ def test_transport_keeps_to_its_connection_limit() -> None:
     assert transport.idle_connections == 0
 
 
-def test_transport_reuses_idle_connection_until_it_expires() -> None:
+def test_transport_keepalive_expiry() -> None:
     handler = _counting_handler(0.0)
     transport = PooledTransport(max_connections=2, keepalive_expiry=0.3)
 
@@ -203,7 +212,7 @@ def test_transport_reads_chunked_and_gzip_bodies() -> None:
     assert [response.json() for response in responses] == [COMPLETION, COMPLETION]
 
 
-def test_cancelled_request_frees_its_connection_slot() -> None:
+def test_cancelled_request_frees_slot() -> None:
     handler = _counting_handler(0.5)
     transport = PooledTransport(max_connections=1)
 
@@ -249,8 +258,7 @@ def test_transport_pool_timeout() -> None:
 
 def test_transport_rejects_other_schemes() -> None:
     async def main() -> None:
-        transport = PooledTransport(max_connections=1)
-        await _post(transport, "ftp://127.0.0.1:21/v1/chat/completions")
+        await _post_once("ftp://127.0.0.1:21/v1/chat/completions")
 
     with pytest.raises(httpx.UnsupportedProtocol, match="use http or https"):
         asyncio.run(main())
@@ -272,11 +280,7 @@ def test_transport_reads_large_body() -> None:
             pass
 
     async def main(port: int) -> httpx.Response:
-        transport = PooledTransport(max_connections=2)
-        try:
-            return await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
-        finally:
-            await transport.aclose()
+        return await _post_once(f"http://127.0.0.1:{port}/v1/chat/completions", max_connections=2)
 
     with _ServerThread(Handler) as server:
         response = asyncio.run(main(server.port))
@@ -330,11 +334,7 @@ def test_transport_read_timeout() -> None:
             pass
 
     async def main(port: int) -> None:
-        transport = PooledTransport(max_connections=1)
-        try:
-            await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions", timeout_s=0.2)
-        finally:
-            await transport.aclose()
+        await _post_once(f"http://127.0.0.1:{port}/v1/chat/completions", timeout_s=0.2)
 
     with _ServerThread(Handler) as server, pytest.raises(httpx.ReadTimeout):
         asyncio.run(main(server.port))
@@ -352,11 +352,7 @@ def test_transport_server_disconnect() -> None:
             pass
 
     async def main(port: int) -> None:
-        transport = PooledTransport(max_connections=1)
-        try:
-            await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
-        finally:
-            await transport.aclose()
+        await _post_once(f"http://127.0.0.1:{port}/v1/chat/completions")
 
     with _ServerThread(Handler) as server, pytest.raises(httpx.RemoteProtocolError):
         asyncio.run(main(server.port))
@@ -368,11 +364,7 @@ def test_transport_connection_refused() -> None:
         port = probe.getsockname()[1]
 
     async def main() -> None:
-        transport = PooledTransport(max_connections=1)
-        try:
-            await _post(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
-        finally:
-            await transport.aclose()
+        await _post_once(f"http://127.0.0.1:{port}/v1/chat/completions")
 
     with pytest.raises(httpx.ConnectError) as caught:
         asyncio.run(main())
@@ -458,11 +450,7 @@ def test_transport_rejects_untrusted_certificate(tls_files: tuple[Path, Path]) -
 
     async def main(port: int) -> None:
         # The default context trusts certifi's CA bundle, which did not sign this certificate.
-        transport = PooledTransport(max_connections=1)
-        try:
-            await _post(transport, f"https://127.0.0.1:{port}/v1/chat/completions")
-        finally:
-            await transport.aclose()
+        await _post_once(f"https://127.0.0.1:{port}/v1/chat/completions")
 
     with _ServerThread(Handler, server_context) as server, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         asyncio.run(main(server.port))

@@ -62,7 +62,7 @@ def test_results_return_in_call_order(keyed_store: Store) -> None:
     assert stored_keys(keyed_store) == list(range(20))
 
 
-def test_calls_of_one_loop_pass_share_one_commit(keyed_store: Store) -> None:
+def test_one_loop_pass_one_commit(keyed_store: Store) -> None:
     writer = writer_for(keyed_store)
 
     async def main(writer: Writer) -> list[int]:
@@ -73,7 +73,7 @@ def test_calls_of_one_loop_pass_share_one_commit(keyed_store: Store) -> None:
     assert writer.transactions == 1
 
 
-def test_every_call_is_committed_before_it_returns(keyed_store: Store) -> None:
+def test_call_returns_after_commit(keyed_store: Store) -> None:
     seen: list[list[int]] = []
 
     async def main(writer: Writer) -> None:
@@ -123,7 +123,7 @@ def test_merged_action_writes_consecutive_calls(keyed_store: Store) -> None:
     assert stored_keys(keyed_store) == [0, 1, 2, 3, 4]
 
 
-def test_cancelled_callers_writes_are_still_made(keyed_store: Store) -> None:
+def test_cancelled_caller_still_written(keyed_store: Store) -> None:
     async def main(writer: Writer) -> None:
         tasks = [asyncio.ensure_future(writer.run(insert_key, k=k)) for k in range(5)]
         # Let the tasks queue their calls, then stop waiting for them.
@@ -148,11 +148,16 @@ def test_run_after_close_raises(keyed_store: Store) -> None:
 
 def test_call_from_second_event_loop_raises(keyed_store: Store) -> None:
     writer = writer_for(keyed_store)
-    run_with(writer, lambda writer: writer.run(insert_key, k=1))
-    writer._closing = False  # reopen, to reach the loop check
+    first_loop = asyncio.new_event_loop()
+    try:
+        first_loop.run_until_complete(writer.run(insert_key, k=1))
 
-    with pytest.raises(RuntimeError, match="one event loop"):
-        asyncio.run(writer.run(insert_key, k=2))
+        with pytest.raises(RuntimeError, match="one event loop"):
+            asyncio.run(writer.run(insert_key, k=2))
+    finally:
+        first_loop.run_until_complete(writer.aclose())
+        first_loop.close()
+
     assert stored_keys(keyed_store) == [1]
 
 
@@ -214,7 +219,7 @@ def test_statement_group_is_one_round_trip(postgres_url: str) -> None:
     store.dispose()
 
 
-def test_async_writer_reconnects_after_lost_connection(postgres_url: str) -> None:
+def test_async_writer_reconnects(postgres_url: str) -> None:
     store = Store(postgres_url)
     with store.engine.begin() as connection:
         connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
@@ -238,7 +243,7 @@ def test_async_writer_reconnects_after_lost_connection(postgres_url: str) -> Non
     store.dispose()
 
 
-def test_loop_writer_checkpoints_on_its_own_thread(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loop_writer_checkpoint_thread(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writer_module, "CHECKPOINT_EVERY", 10)
     store = Store(sqlite_url)
     with store.engine.begin() as connection:
@@ -254,13 +259,13 @@ def test_loop_writer_checkpoints_on_its_own_thread(sqlite_url: str, monkeypatch:
         checkpointer = writer._checkpointer
         assert checkpointer is not None
         await writer.aclose()
-        # Requests after 10 and 20 commits and a last one on close; requests made before
-        # the thread got to run count once.
+        # Requests come after 10 and 20 commits and on close. Requests made before the
+        # thread got to run count once.
         assert checkpointer.checkpoints >= 1
 
     run_with(writer, main)
 
-    # The writer's connection never checkpoints; back in the pool it has SQLite's default again.
+    # The writer's connection never checkpoints. Back in the pool, it has SQLite's default again.
     assert settings == [0]
     with store.engine.connect() as connection:
         assert connection.connection.driver_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000

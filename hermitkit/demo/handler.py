@@ -131,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
     # send() call. Unbuffered, the headers and the body left as two TCP segments.
     wbufsize = 64 * 1024
     # With Nagle's algorithm on, a small write that follows another waits for the client's
-    # delayed ACK: 44 ms per request on Linux, measured when headers and body left apart.
+    # delayed ACK: 44 ms per request on Linux, measured when headers and body were separate writes.
     disable_nagle_algorithm = True
     server: _DemoHTTPServer
 
