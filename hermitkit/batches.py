@@ -7,10 +7,14 @@ the scheduling logic. Every function takes a SQLAlchemy session and is run throu
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, func, insert, select, text, update
+from sqlalchemy import JSON, Row, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -19,6 +23,7 @@ from hermitkit.client import ChatReply, ModelInfo
 from hermitkit.config import BatchConfig
 from hermitkit.protocol import Classification, Protocol
 from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, Run, Turn, touch_batch, utcnow
+from hermitkit.writer import OneStatement
 
 
 @dataclass(frozen=True)
@@ -304,7 +309,10 @@ _COUNT_TYPES = {
 }
 
 # The work of add_exchanges on PostgreSQL as one statement, which needs one round trip
-# and no transaction block. unnest() turns one array parameter per column into rows.
+# and no transaction block. The turn rows and the run counts are each sent as one JSON
+# text, and json_to_recordset() turns them back into typed rows. One array parameter per
+# column cost more, because psycopg builds each array in Python. That took a fifth of the
+# event loop at 1,280 requests per second (benchmarks/README.md).
 # The statement text is the same for any number of exchanges, so psycopg prepares it
 # once per connection, from its fifth use on (psycopg's default prepare_threshold).
 # Each run appears once per group, so the counts update and the completion are one
@@ -313,8 +321,10 @@ _COUNT_TYPES = {
 _POSTGRESQL_ADD_EXCHANGES = text(
     "WITH new_turns AS (INSERT INTO turns ("
     + ", ".join(_TURN_COLUMNS)
-    + ") SELECT * FROM unnest("
-    + ", ".join(f"CAST(:turn_{name} AS {_postgresql_array_type(_TURNS.c[name])}[])" for name in _TURN_COLUMNS)
+    + ") SELECT "
+    + ", ".join(_TURN_COLUMNS)
+    + " FROM json_to_recordset(CAST(:turns AS JSON)) AS new("
+    + ", ".join(f"{name} {_postgresql_array_type(_TURNS.c[name])}" for name in _TURN_COLUMNS)
     + ")) UPDATE runs SET turn_count = runs.turn_count + 1, "
     + ", ".join(f"{verdict}_count = runs.{verdict}_count + counts.add_{verdict}" for verdict in _VERDICT_COUNTS)
     + ", "
@@ -322,15 +332,32 @@ _POSTGRESQL_ADD_EXCHANGES = text(
     + ", status = CASE WHEN counts.completes THEN 'completed' ELSE runs.status END"
     + ", error = CASE WHEN counts.completes THEN NULL ELSE runs.error END"
     + ", finished_at = CASE WHEN counts.completes THEN CAST(:now AS TIMESTAMP WITH TIME ZONE) ELSE runs.finished_at END"
-    + " FROM unnest("
-    + ", ".join(f"CAST(:count_{name} AS {kind}[])" for name, kind in _COUNT_TYPES.items())
-    + ") AS counts("
-    + ", ".join(_COUNT_TYPES)
+    + " FROM json_to_recordset(CAST(:counts AS JSON)) AS counts("
+    + ", ".join(f"{name} {kind}" for name, kind in _COUNT_TYPES.items())
     + ") WHERE runs.id = counts.run_id"
 )
 
+# PostgreSQL reads these spellings of the float values that JSON has no number for.
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
-def add_exchanges_statement(exchanges: list[dict[str, Any]]) -> tuple[TextClause, dict[str, Any]]:
+
+def _json_rows(rows: list[dict[str, Any]], floats: tuple[str, ...]) -> str:
+    """Encode ``rows`` for json_to_recordset: timestamps in ISO 8601, non-finite floats as strings."""
+    for row in rows:
+        for name in floats:
+            value = row.get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                row[name] = _NON_FINITE[repr(value)]
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"), default=_json_timestamp)
+
+
+def _json_timestamp(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} values cannot be stored through JSON: {value!r}")
+
+
+def add_exchanges_statement(exchanges: list[dict[str, Any]]) -> OneStatement:
     """Build the work of ``add_exchanges`` as one PostgreSQL statement and return it with its parameters.
 
     The statement is atomic on its own, so it may run outside a transaction block. A
@@ -339,14 +366,52 @@ def add_exchanges_statement(exchanges: list[dict[str, Any]]) -> tuple[TextClause
     """
     rows, counts, completed = _group_rows(exchanges)
     completing = {row["target_run_id"] for row in completed}
-    parameters: dict[str, Any] = {f"turn_{name}": [row[name] for row in rows] for name in _TURN_COLUMNS}
-    parameters["count_run_id"] = [count["target_run_id"] for count in counts]
-    for name in _COUNT_TYPES:
-        if name.startswith("add_"):
-            parameters[f"count_{name}"] = [count[name] for count in counts]
-    parameters["count_completes"] = [count["target_run_id"] in completing for count in counts]
-    parameters["now"] = utcnow()
-    return _POSTGRESQL_ADD_EXCHANGES, parameters
+    count_rows = [
+        {"run_id": count["target_run_id"], **{name: count[name] for name in _COUNT_TYPES if name.startswith("add_")}, "completes": count["target_run_id"] in completing}
+        for count in counts
+    ]
+    parameters = {
+        "turns": _json_rows(rows, ("cost_usd", "latency_s")),
+        "counts": _json_rows(count_rows, ("add_cost_usd",)),
+        "now": utcnow(),
+    }
+    return OneStatement(_POSTGRESQL_ADD_EXCHANGES, parameters)
+
+
+# The work of begin_runs on PostgreSQL as one statement. Its final SELECT reads the
+# table as it was before the statement, so an initial prompt inserted by this statement
+# comes from the insert's RETURNING instead, through the UNION ALL.
+_POSTGRESQL_BEGIN_RUNS = text(
+    "WITH calls AS (SELECT * FROM unnest(CAST(:run_id AS INTEGER[]), CAST(:prompt AS TEXT[])) AS calls(run_id, prompt)), "
+    "first_prompts AS (INSERT INTO turns (run_id, idx, role, content, created_at) "
+    "SELECT run_id, 0, 'user', prompt, CAST(:now AS TIMESTAMP WITH TIME ZONE) FROM calls "
+    "ON CONFLICT (run_id, idx) DO NOTHING "
+    "RETURNING run_id, idx, role, content, turn_number, verdict), "
+    "started AS (UPDATE runs SET status = 'running', error = NULL, "
+    "started_at = COALESCE(runs.started_at, CAST(:now AS TIMESTAMP WITH TIME ZONE)) "
+    "WHERE runs.id IN (SELECT run_id FROM calls)) "
+    "SELECT run_id, idx, role, content, turn_number, verdict FROM turns WHERE run_id IN (SELECT run_id FROM calls) "
+    "UNION ALL SELECT run_id, idx, role, content, turn_number, verdict FROM first_prompts "
+    "ORDER BY run_id, idx"
+)
+
+
+def begin_runs_statement(calls: list[dict[str, Any]]) -> OneStatement:
+    """Build the work of ``begin_runs`` as one PostgreSQL statement, atomic on its own.
+
+    Starting runs needs one round trip instead of five (read, insert, update, read,
+    commit), and the writer can write no other group in the meantime.
+    """
+    prompts = {call["run_id"]: call["initial_prompt"] for call in calls}
+
+    def results(rows: Sequence[Row[Any]]) -> list[list[dict[str, Any]]]:
+        histories: dict[int, list[dict[str, Any]]] = {run_id: [] for run_id in prompts}
+        for run_id, idx, role, content, number, verdict in rows:
+            histories[run_id].append({"idx": idx, "role": role, "content": content or "", "turn": number, "verdict": verdict})
+        return [histories[call["run_id"]] for call in calls]
+
+    parameters = {"run_id": list(prompts), "prompt": list(prompts.values()), "now": utcnow()}
+    return OneStatement(_POSTGRESQL_BEGIN_RUNS, parameters, results)
 
 
 def _exchange_rows(
@@ -480,6 +545,55 @@ def judge_inputs_many(session: Session, calls: list[dict[str, Any]]) -> list[tup
     return results
 
 
+# The reads of judge_inputs_many on PostgreSQL as one statement: one row per turn of each
+# run (one row with no turn for a run without turns), each with the run's counts and the
+# judges that have judged it.
+_POSTGRESQL_JUDGE_INPUTS = text(
+    "WITH calls AS (SELECT DISTINCT unnest(CAST(:run_id AS INTEGER[])) AS run_id), "
+    "judged AS (SELECT judgements.run_id, array_agg(judgements.judge_model) AS judges FROM judgements "
+    "WHERE judgements.run_id IN (SELECT run_id FROM calls) AND judgements.round = 0 GROUP BY judgements.run_id) "
+    "SELECT runs.id, "
+    + ", ".join(f"runs.{column.key}" for column in _COUNT_COLUMNS)
+    + ", judged.judges, turns.role, turns.content, turns.turn_number, turns.verdict "
+    "FROM runs JOIN calls ON calls.run_id = runs.id "
+    "LEFT JOIN judged ON judged.run_id = runs.id "
+    "LEFT JOIN turns ON turns.run_id = runs.id "
+    "ORDER BY runs.id, turns.idx"
+)
+
+
+def judge_inputs_statement(calls: list[dict[str, Any]]) -> OneStatement:
+    """Build the reads of ``judge_inputs_many`` as one PostgreSQL statement: one round trip instead of four."""
+
+    def results(rows: Sequence[Row[Any]]) -> list[tuple[list[str], list[dict[str, Any]], dict[str, Any]]]:
+        done: dict[int, set[str]] = {}
+        counts: dict[int, dict[str, Any]] = {}
+        histories: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            run_id = row[0]
+            if run_id not in counts:
+                counts[run_id] = _judge_counts(*row[1:7])
+                done[run_id] = set(row[7] or ())
+                histories[run_id] = []
+            role, content, number, verdict = row[8:]
+            if role is not None:
+                histories[run_id].append({"role": role, "content": content or "", "turn": number, "verdict": verdict})
+
+        outcomes: list[tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = []
+        for call in calls:
+            run_id = call["run_id"]
+            pending = [judge for judge in call["judges"] if judge not in done.get(run_id, set())]
+            if not pending:
+                outcomes.append(([], [], {}))
+                continue
+            if run_id not in counts:
+                raise KeyError(run_id)
+            outcomes.append((pending, histories[run_id], counts[run_id]))
+        return outcomes
+
+    return OneStatement(_POSTGRESQL_JUDGE_INPUTS, {"run_id": [call["run_id"] for call in calls]}, results)
+
+
 def next_judge_round(session: Session, run_id: int, judge_model: str) -> int:
     current = session.scalar(select(func.max(Judgement.round)).where(Judgement.run_id == run_id, Judgement.judge_model == judge_model))
     return 0 if current is None else current + 1
@@ -498,6 +612,39 @@ def add_judgements(session: Session, calls: list[dict[str, Any]]) -> list[None]:
     """Do the work of several ``add_judgement`` calls (their keyword arguments) with one executemany."""
     session.execute(_INSERT_JUDGEMENT, [_judgement_row(**call) for call in calls])
     return [None] * len(calls)
+
+
+_JUDGEMENTS = Judgement.__table__
+_JUDGEMENT_COLUMNS = [column for column in _JUDGEMENTS.c if column.name != "id"]
+_JSON_COLUMNS = {column.name for column in _JUDGEMENT_COLUMNS if isinstance(column.type, JSON)}
+_QUOTE = postgresql.dialect().identifier_preparer.quote
+
+# The work of add_judgements on PostgreSQL as one INSERT over unnest(), like the exchanges.
+# JSON values travel as text and are cast back, as SQLAlchemy's JSON type sends them.
+_POSTGRESQL_ADD_JUDGEMENTS = text(
+    "INSERT INTO judgements ("
+    + ", ".join(_QUOTE(column.name) for column in _JUDGEMENT_COLUMNS)
+    + ") SELECT "
+    + ", ".join(f"CAST(v.{_QUOTE(column.name)} AS JSON)" if column.name in _JSON_COLUMNS else f"v.{_QUOTE(column.name)}" for column in _JUDGEMENT_COLUMNS)
+    + " FROM unnest("
+    + ", ".join(f"CAST(:{column.name} AS {'TEXT' if column.name in _JSON_COLUMNS else _postgresql_array_type(column)}[])" for column in _JUDGEMENT_COLUMNS)
+    + ") AS v("
+    + ", ".join(_QUOTE(column.name) for column in _JUDGEMENT_COLUMNS)
+    + ")"
+)
+
+
+def add_judgements_statement(calls: list[dict[str, Any]]) -> OneStatement:
+    """Build the work of ``add_judgements`` as one PostgreSQL INSERT, atomic on its own.
+
+    A duplicate verdict fails every row of the statement, as it does in ``add_judgements``.
+    """
+    rows = [_judgement_row(**call) for call in calls]
+    parameters = {
+        column.name: [json.dumps(row[column.name]) for row in rows] if column.name in _JSON_COLUMNS else [row[column.name] for row in rows]
+        for column in _JUDGEMENT_COLUMNS
+    }
+    return OneStatement(_POSTGRESQL_ADD_JUDGEMENTS, parameters)
 
 
 def _judgement_row(*, run_id: int, judge_model: str, round_: int, outcome: Any) -> dict[str, Any]:

@@ -114,7 +114,12 @@ class BatchExecution:
             },
             # These run only Core statements, so SQLite writes them without an ORM session.
             core=frozenset({batches.add_exchange, batches.begin_run, batches.load_history, batches.finish_run, batches.judge_inputs, batches.add_judgement}),
-            statements={batches.add_exchange: batches.add_exchanges_statement},
+            statements={
+                batches.add_exchange: batches.add_exchanges_statement,
+                batches.begin_run: batches.begin_runs_statement,
+                batches.judge_inputs: batches.judge_inputs_statement,
+                batches.add_judgement: batches.add_judgements_statement,
+            },
         )
         self._bar: Any = None
 

@@ -14,8 +14,9 @@ the busy event loop, and each such wait can last the switch interval (5 ms by de
   wait for the disk, so a group of one or two exchanges takes 0.2 to 0.3 ms on the
   benchmark machine (benchmarks/README.md).
 - ``AsyncWriter`` (PostgreSQL) writes through psycopg's asyncio connection, so the event
-  loop serves HTTP replies while a group is in flight. A group of exchanges is one
-  statement and one round trip (``batches.add_exchanges_statement``).
+  loop serves HTTP replies while a group is in flight. The exchanges of a group are one
+  statement and one round trip (``batches.add_exchanges_statement``), and so are its run
+  starts, its judge inputs and its verdicts.
 
 When any call of a group raises, the whole group rolls back. Every call of that group
 then runs again in its own transaction, so an error reaches only its caller and never
@@ -30,11 +31,11 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -59,8 +60,22 @@ Action = Callable[..., Any]
 # A function that does the work of several calls of one action at once. It takes the
 # session and the list of their keyword arguments and returns the list of their results.
 Merged = Callable[[Session, list[dict[str, Any]]], list[Any]]
-# A function that builds one atomic statement, and its parameters, for several calls of one action.
-Statement = Callable[[list[dict[str, Any]]], tuple[Executable, dict[str, Any]]]
+
+
+class OneStatement(NamedTuple):
+    """One statement, atomic on its own, that does the work of several calls of one action.
+
+    ``results`` turns the statement's rows into the calls' results, in call order; without
+    it every call returns None.
+    """
+
+    statement: Executable
+    parameters: dict[str, Any]
+    results: Callable[[Sequence[Row[Any]]], list[Any]] | None = None
+
+
+# A function that builds the OneStatement of several calls (their keyword arguments).
+Statement = Callable[[list[dict[str, Any]]], OneStatement]
 
 _Call = tuple[Action, dict[str, Any], "asyncio.Future[Any]"]
 
@@ -297,11 +312,12 @@ class AsyncWriter(Writer):
     """Write each group through an asyncio database driver, for PostgreSQL.
 
     One task writes the groups one after the other; calls queued while a group is in
-    flight form the next group. ``statements`` maps an action that returns None to a
-    function that turns several of its calls into one statement, atomic on its own. A
-    group made only of such calls is sent as that statement outside a transaction
-    block, in one round trip. Any other group runs in a transaction through
-    ``AsyncSession.run_sync``.
+    flight form the next group. ``statements`` maps an action to a function that turns
+    several of its calls into one statement, atomic on its own. A group is split into
+    one part per such action, sent as its statement outside a transaction block in one
+    round trip, and one part for the other calls, which run in a transaction through
+    ``AsyncSession.run_sync``. Each part's callers get their results as soon as that
+    part is written.
     """
 
     def __init__(
@@ -348,11 +364,24 @@ class AsyncWriter(Writer):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                group = self._take_group()
-                outcomes = await self._write_group([(action, kwargs) for action, kwargs, _ in group])
-                _set_results([(future, ok, value) for (_, _, future), (ok, value) in zip(group, outcomes, strict=True)])
+                for part in self._parts(self._take_group()):
+                    outcomes = await self._write_group([(action, kwargs) for action, kwargs, _ in part])
+                    _set_results([(future, ok, value) for (_, _, future), (ok, value) in zip(part, outcomes, strict=True)])
             if self._closing:
                 return
+
+    def _parts(self, group: list[_Call]) -> list[list[_Call]]:
+        """Split ``group`` into one part per statement action and one for the other calls.
+
+        The calls of a group wait at the same time, so each comes from a different task
+        and none can depend on another's write: any order of them is one that could
+        have happened. Parts keep the order in which their actions first appear, and
+        calls keep their order within a part.
+        """
+        parts: dict[Action | None, list[_Call]] = {}
+        for call in group:
+            parts.setdefault(call[0] if call[0] in self.statements else None, []).append(call)
+        return list(parts.values())
 
     async def _write_group(self, group: list[tuple[Action, dict[str, Any]]]) -> list[tuple[bool, Any]]:
         if len(group) > 1:
@@ -380,10 +409,10 @@ class AsyncWriter(Writer):
         for attempt in range(1, self.attempts + 1):
             try:
                 if one_statement:
-                    statement, parameters = self.statements[action]([kwargs for _, kwargs in group])
+                    statement = self.statements[action]([kwargs for _, kwargs in group])
                     connection = await self._statement_connection()
-                    await connection.execute(statement, parameters)
-                    results: list[Any] = [None] * len(group)
+                    result = await connection.execute(statement.statement, statement.parameters)
+                    results: list[Any] = [None] * len(group) if statement.results is None else statement.results(result.all())
                 else:
                     async with self._sessions() as session, session.begin():
                         results = await session.run_sync(self._merge(group))

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import JSON, Text, cast, select
 from sqlalchemy.exc import DataError, IntegrityError
 
 from hermitkit import batches
 from hermitkit.client import ChatReply
 from hermitkit.config import build_config
 from hermitkit.demo import DemoServer
-from hermitkit.judge import JudgeOutcome
+from hermitkit.judge import JudgeOutcome, Verdict
 from hermitkit.protocol import classify
 from hermitkit.runner import resume_batch
-from hermitkit.store import Run, Store, Turn
+from hermitkit.store import Judgement, Run, Store, Turn
 
 
 def _new_run(store: Store, turns: int = 2) -> tuple[int, int, str]:
@@ -195,8 +196,9 @@ def test_postgresql_statement_matches_add_exchanges(postgres_url: str) -> None:
         ]
 
     def run_statement(session: object) -> None:
-        statement, parameters = batches.add_exchanges_statement(exchanges(by_statement))
-        session.execute(statement, parameters)  # type: ignore[attr-defined]
+        statement = batches.add_exchanges_statement(exchanges(by_statement))
+        assert statement.results is None
+        session.execute(statement.statement, statement.parameters)  # type: ignore[attr-defined]
 
     store.write(run_statement)
     store.write(lambda session: batches.add_exchanges(session, exchanges(by_executemany)))
@@ -217,8 +219,8 @@ def test_postgresql_statement_rejects_bad_rows(postgres_url: str) -> None:
     def write(idx: int, served_model: str) -> None:
         long_reply = ChatReply(content=reply.content, served_model=served_model)
         exchange = dict(run_id=run_id, idx=idx, turn_number=1, reply=long_reply, cost_usd=None, classification=classify("{a}"), echo="a")
-        statement, parameters = batches.add_exchanges_statement([exchange])
-        store.write(lambda session: session.execute(statement, parameters))
+        statement = batches.add_exchanges_statement([exchange])
+        store.write(lambda session: session.execute(statement.statement, statement.parameters))
 
     write(1, "demo/steady")
     with pytest.raises(IntegrityError):
@@ -229,6 +231,23 @@ def test_postgresql_statement_rejects_bad_rows(postgres_url: str) -> None:
 
     assert _run(store, run_id).turn_count == 1
     assert [row[0] for row in _turn_rows(store, run_id)] == [0, 1, 2]
+    store.dispose()
+
+
+def test_postgresql_statement_keeps_non_finite_floats(postgres_url: str) -> None:
+    # JSON has no number for NaN or infinity, so the statement sends them as strings.
+    store = Store(postgres_url)
+    _, run_id, _ = _new_run(store, turns=2)
+    reply = ChatReply(content="{a}", latency_s=float("inf"))
+    exchange = dict(run_id=run_id, idx=1, turn_number=1, reply=reply, cost_usd=float("nan"), classification=classify("{a}"), echo="a")
+
+    statement = batches.add_exchanges_statement([exchange])
+    store.write(lambda session: session.execute(statement.statement, statement.parameters))
+
+    stored = store.read(lambda session: session.execute(select(Turn.cost_usd, Turn.latency_s).where(Turn.run_id == run_id, Turn.idx == 1)).one())
+    assert math.isnan(stored.cost_usd)
+    assert stored.latency_s == float("inf")
+    assert math.isnan(_run(store, run_id).cost_usd)
     store.dispose()
 
 
@@ -283,3 +302,132 @@ def test_add_judgements_stores_each_outcome(store: Store) -> None:
     assert judged == {first: {"demo/judge"}, second: {"demo/judge"}}
     with pytest.raises(IntegrityError):
         store.write(lambda session: batches.add_judgements(session, calls[:1]))
+
+
+def _statement_results(store: Store, statement: batches.OneStatement) -> list[object] | None:
+    """Execute ``statement`` in autocommit mode, as the PostgreSQL writer does, and return its calls' results."""
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        result = connection.execute(statement.statement, statement.parameters)
+        return None if statement.results is None else statement.results(result.all())
+
+
+def _parsed_outcome() -> JudgeOutcome:
+    verdict = Verdict(
+        mirror_test="passed",
+        self_awareness="high",
+        refusal=False,
+        topics=("tides", "{braces}", "=SUM(A1)"),
+        topic_summary="Tides.",
+        exploration_style="focused",
+        sophistication=4,
+        autonomy=3,
+        emergent_behaviour="none",
+        context_loss=False,
+        analysis="Message 2 turns to the tides.",
+    )
+    return JudgeOutcome(
+        status="ok",
+        verdict=verdict,
+        raw_reply="{...}",
+        repair_reply=None,
+        failure=None,
+        attempts=1,
+        truncated=False,
+        prompt_tokens=120,
+        completion_tokens=40,
+        cost_usd=0.002,
+        sampling={"temperature": 0.0, "seed": 7},
+    )
+
+
+def test_begin_runs_statement_matches_merged(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    pairs = []
+    for _ in range(2):
+        _, fresh, prompt = _new_run(store, turns=3)
+        _, resumed, _ = _new_run(store, turns=3)
+        _exchange(store, resumed, 1, completes_run=False)
+        _exchange(store, resumed, 2, completes_run=False)
+        _, started, _ = _new_run(store, turns=3)
+        store.write(lambda session, runs=(fresh, resumed, started): session.execute(
+            Run.__table__.update().where(Run.id.in_(runs)).values(status="failed", error="earlier failure")))
+        store.write(lambda session, run=fresh: session.execute(Turn.__table__.delete().where(Turn.run_id == run)))
+        pairs.append((fresh, resumed, started))
+
+    def calls(runs: tuple[int, int, int]) -> list[dict[str, object]]:
+        # The same run twice in one group gets the same history twice.
+        return [dict(run_id=run_id, initial_prompt=prompt) for run_id in (*runs, runs[1])]
+
+    by_statement = _statement_results(store, batches.begin_runs_statement(calls(pairs[0])))
+    merged = store.write(lambda session: batches.begin_runs(session, calls(pairs[1])))
+
+    assert by_statement == merged
+    assert [len(history) for history in by_statement] == [1, 5, 1, 5]
+    assert by_statement[0] == [{"idx": 0, "role": "user", "content": prompt, "turn": None, "verdict": None}]
+    for left, right in zip(pairs[0], pairs[1], strict=True):
+        assert _turn_rows(store, left) == _turn_rows(store, right)
+        assert _counts(store, left)[:3] == ("running", None, False)
+        assert _counts(store, right)[:3] == ("running", None, False)
+    store.dispose()
+
+
+def test_judge_inputs_statement_matches_merged(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    _, first, _ = _new_run(store, turns=2)
+    _exchange(store, first, 1, completes_run=False)
+    _exchange(store, first, 2, completes_run=True)
+    _, second, _ = _new_run(store, turns=1)
+    _exchange(store, second, 1, completes_run=True)
+    store.write(partial(batches.add_judgement, run_id=second, judge_model="demo/judge", round_=0, outcome=_failed_outcome()))
+    _, empty, _ = _new_run(store, turns=1)
+    store.write(lambda session: session.execute(Turn.__table__.delete().where(Turn.run_id == empty)))
+    calls = [
+        dict(run_id=first, judges=["demo/judge", "other/judge"]),
+        dict(run_id=second, judges=["demo/judge"]),
+        dict(run_id=second, judges=["demo/judge", "other/judge"]),
+        dict(run_id=empty, judges=["demo/judge"]),
+    ]
+
+    by_statement = _statement_results(store, batches.judge_inputs_statement(calls))
+    merged = store.read(lambda session: batches.judge_inputs_many(session, calls))
+
+    assert by_statement == merged
+    assert [len(transcript) for _, transcript, _ in by_statement] == [4, 0, 2, 0]
+    assert by_statement[1] == ([], [], {})
+    assert by_statement[3][2]["turns"] == 0
+
+    # A run that does not exist raises KeyError, as judge_inputs does.
+    with pytest.raises(KeyError):
+        _statement_results(store, batches.judge_inputs_statement([dict(run_id=10**9, judges=["demo/judge"])]))
+    store.dispose()
+
+
+def test_add_judgements_statement_matches_merged(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    runs = [_new_run(store, turns=1)[1] for _ in range(6)]
+    outcomes = [_parsed_outcome(), _failed_outcome()]
+
+    def calls(run_ids: list[int]) -> list[dict[str, object]]:
+        return [dict(run_id=run_id, judge_model="demo/judge", round_=0, outcome=outcome) for run_id, outcome in zip(run_ids, outcomes, strict=False)]
+
+    columns = [column for column in Judgement.__table__.c if column.name not in ("id", "run_id", "created_at")]
+    # JSON columns also as their stored text, which distinguishes JSON null from SQL NULL.
+    columns += [cast(column, Text).label(f"{column.name}_text") for column in columns if isinstance(column.type, JSON)]
+
+    def stored(run_id: int) -> tuple[object, ...]:
+        return store.read(lambda session: tuple(session.execute(select(*columns).where(Judgement.run_id == run_id)).one()))
+
+    _statement_results(store, batches.add_judgements_statement(calls(runs[0:2])))
+    _statement_results(store, batches.add_judgements_statement(calls(runs[2:3])[:1]))
+    store.write(lambda session: batches.add_judgements(session, calls(runs[3:5])))
+
+    assert stored(runs[0]) == stored(runs[3])
+    assert stored(runs[1]) == stored(runs[4])
+    assert stored(runs[2]) == stored(runs[3])
+    assert stored(runs[0])[columns.index(Judgement.__table__.c.topics)] == ["tides", "{braces}", "=SUM(A1)"]
+
+    # A duplicate verdict fails the whole multi-row insert: the new run's verdict is not stored either.
+    with pytest.raises(IntegrityError):
+        _statement_results(store, batches.add_judgements_statement(calls([runs[5], runs[0]])))
+    assert store.read(partial(batches.judged_by, run_id=runs[5])) == set()
+    store.dispose()

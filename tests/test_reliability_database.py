@@ -137,9 +137,9 @@ def test_store_gives_up_with_store_error(postgres_url):
 
 
 def _is_assistant(parameters: Any) -> bool:
-    """Return True when an INSERT's parameters (one row, several, or one array per column) store an assistant reply."""
+    """Return True when an INSERT's parameters (one row, several, or the rows as JSON text) store an assistant reply."""
     rows = parameters if isinstance(parameters, (list, tuple)) else [parameters]
-    return any(isinstance(row, dict) and (row.get("role") == "assistant" or "assistant" in (row.get("turn_role") or ())) for row in rows)
+    return any(isinstance(row, dict) and (row.get("role") == "assistant" or '"role":"assistant"' in (row.get("turns") or "")) for row in rows)
 
 
 # ---------------------------------------------------------------- SQLite concurrency

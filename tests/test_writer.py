@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from hermitkit import writer as writer_module
 from hermitkit.store import Store
-from hermitkit.writer import AsyncWriter, LoopWriter, Writer, writer_for
+from hermitkit.writer import AsyncWriter, LoopWriter, OneStatement, Writer, writer_for
 
 
 @pytest.fixture
@@ -190,9 +190,9 @@ def test_core_action_gets_a_connection(sqlite_url: str) -> None:
     assert all(issubclass(kind, Connection) for kind in received)
 
 
-def insert_keys_statement(calls: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+def insert_keys_statement(calls: list[dict[str, Any]]) -> OneStatement:
     statement = text("INSERT INTO writer_keys (k, note) SELECT * FROM unnest(CAST(:ks AS INTEGER[]), CAST(:notes AS TEXT[]))")
-    return statement, {"ks": [call["k"] for call in calls], "notes": [call.get("note", "") for call in calls]}
+    return OneStatement(statement, {"ks": [call["k"] for call in calls], "notes": [call.get("note", "") for call in calls]})
 
 
 def test_statement_group_is_one_round_trip(postgres_url: str) -> None:
@@ -216,6 +216,53 @@ def test_statement_group_is_one_round_trip(postgres_url: str) -> None:
     assert stored_keys(store) == [0, 1, 2, 3, 4, 5, 6]
     # One statement for the five, then the failed pair and k=6 alone.
     assert writer.transactions == 2
+    store.dispose()
+
+
+def insert_key_in_transaction(session: Session, *, k: int) -> int:
+    return insert_key(session, k=k)
+
+
+def find_key(session: Session, *, k: int) -> bool:
+    return session.execute(text("SELECT 1 FROM writer_keys WHERE k = :k"), {"k": k}).first() is not None
+
+
+def find_keys_statement(calls: list[dict[str, Any]]) -> OneStatement:
+    keys = [call["k"] for call in calls]
+
+    def results(rows: Any) -> list[bool]:
+        found = {row[0] for row in rows}
+        return [k in found for k in keys]
+
+    return OneStatement(text("SELECT k FROM writer_keys WHERE k = ANY(CAST(:ks AS INTEGER[]))"), {"ks": keys}, results)
+
+
+def test_mixed_group_is_written_in_parts(postgres_url: str) -> None:
+    store = Store(postgres_url)
+    with store.engine.begin() as connection:
+        connection.execute(text("CREATE TABLE writer_keys (k INTEGER PRIMARY KEY, note TEXT)"))
+    writer = AsyncWriter(store, statements={insert_key: insert_keys_statement, find_key: find_keys_statement})
+
+    async def main(writer: Writer) -> list[Any]:
+        return await asyncio.gather(
+            writer.run(insert_key, k=1),
+            writer.run(insert_key, k=2),
+            writer.run(insert_key_in_transaction, k=3),
+            writer.run(find_key, k=1),
+            writer.run(find_key, k=3),
+            writer.run(find_key, k=9),
+            writer.run(insert_key, k=4),
+        )
+
+    results = run_with(writer, main)
+
+    # Each part reads the writes of the parts before it, and find_key's statement returns one result per call.
+    assert results == [None, None, 3, True, True, False, None]
+    assert stored_keys(store) == [1, 2, 3, 4]
+    assert stored_keys(store) == [1, 2, 3, 4]
+    # Three parts, in the order their actions first appear: the statement of insert_key
+    # (k=1, 2 and 4), the transaction and the statement of find_key.
+    assert writer.transactions == 3
     store.dispose()
 
 
