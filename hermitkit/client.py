@@ -294,11 +294,26 @@ def _as_float(value: Any) -> float | None:
 def _as_text(value: Any) -> str | None:
     """Read a message field that is a string, a list of content parts or absent."""
     if isinstance(value, str):
-        return value
+        return without_nul(value)
     if isinstance(value, list):
         texts = [part.get("text") for part in value if isinstance(part, dict)]
-        return "".join(text for text in texts if isinstance(text, str))
+        return without_nul("".join(text for text in texts if isinstance(text, str)))
     return None
+
+
+def without_nul(text: str) -> str:
+    """Replace NUL characters with U+FFFD, the Unicode replacement character.
+
+    PostgreSQL cannot store NUL in a text column, and one such character in a reply
+    stopped the whole batch there. It is replaced on every database and before the
+    reply is echoed, so the stored transcript is the one the model was sent.
+    """
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _as_name(value: Any) -> str | None:
+    """Read a string field of the reply's metadata (id, provider, model, finish reason)."""
+    return without_nul(value) if isinstance(value, str) else None
 
 
 def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatReply:
@@ -323,22 +338,18 @@ def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatRep
     if not isinstance(details, dict):
         details = {}
 
-    finish_reason = choice.get("finish_reason")
-    generation_id = body.get("id")
-    provider = body.get("provider")
-    served_model = body.get("model")
     return ChatReply(
         content=_as_text(message.get("content")),
         reasoning=reasoning,
-        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        finish_reason=_as_name(choice.get("finish_reason")),
         prompt_tokens=_as_int(usage.get("prompt_tokens")),
         completion_tokens=_as_int(usage.get("completion_tokens")),
         reasoning_tokens=_as_int(details.get("reasoning_tokens")),
         cost_usd=_as_float(usage.get("cost")),
         latency_s=latency_s,
-        generation_id=generation_id if isinstance(generation_id, str) else None,
-        provider=provider if isinstance(provider, str) else None,
-        served_model=served_model if isinstance(served_model, str) else None,
+        generation_id=_as_name(body.get("id")),
+        provider=_as_name(body.get("provider")),
+        served_model=_as_name(body.get("model")),
     )
 
 

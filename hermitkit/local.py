@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hermitkit.client import ChatReply, ModelInfo
+from hermitkit.client import ChatReply, ModelInfo, without_nul
 from hermitkit.errors import BadRequestError, ConfigError, ContextLengthError
 
 logger = logging.getLogger(__name__)
@@ -423,8 +423,9 @@ def _request_error(model: str, exc: Exception) -> BadRequestError:
 def _chat_reply(result: dict[str, Any], latency_s: float, served_model: str) -> ChatReply:
     choice = result["choices"][0]
     usage = result.get("usage") or {}
+    content = choice["message"].get("content")
     return ChatReply(
-        content=choice["message"].get("content"),
+        content=without_nul(content) if isinstance(content, str) else None,
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
