@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from hermitkit import __version__
-from hermitkit.client import ChatReply, ModelInfo
+from hermitkit.client import ChatReply, ModelInfo, storable_text
 from hermitkit.config import BatchConfig
 from hermitkit.protocol import Classification, Protocol
 from hermitkit.store import FINAL_RUN_STATUSES, Batch, Judgement, ModelRecord, Run, Turn, touch_batch, utcnow
@@ -467,14 +467,15 @@ def _exchange_rows(
 
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:
-    values: dict[str, Any] = {"status": status, "error": error}
+    # A provider's error text may quote the reply, NUL characters and all.
+    values: dict[str, Any] = {"status": status, "error": None if error is None else storable_text(error)}
     if status in FINAL_RUN_STATUSES:
         values["finished_at"] = utcnow()
     session.execute(update(_RUNS).where(_RUNS.c.id == bindparam("target_run_id")), {"target_run_id": run_id, **values})
 
 
 def set_batch_status(session: Session, batch_id: int, status: str, error: str | None = None) -> None:
-    values: dict[str, Any] = {"status": status, "error": error}
+    values: dict[str, Any] = {"status": status, "error": None if error is None else storable_text(error)}
     if status in {"completed", "failed", "budget_exhausted", "cancelled"}:
         values["finished_at"] = utcnow()
     touch_batch(session, batch_id, **values)

@@ -294,26 +294,31 @@ def _as_float(value: Any) -> float | None:
 def _as_text(value: Any) -> str | None:
     """Read a message field that is a string, a list of content parts or absent."""
     if isinstance(value, str):
-        return without_nul(value)
+        return storable_text(value)
     if isinstance(value, list):
         texts = [part.get("text") for part in value if isinstance(part, dict)]
-        return without_nul("".join(text for text in texts if isinstance(text, str)))
+        return storable_text("".join(text for text in texts if isinstance(text, str)))
     return None
 
 
-def without_nul(text: str) -> str:
-    """Replace NUL characters with U+FFFD, the Unicode replacement character.
+# NUL, which PostgreSQL cannot store in a text column, and lone UTF-16 surrogates, which
+# have no UTF-8 encoding. A JSON body can carry both as escapes ("\u0000", "\ud800").
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
-    PostgreSQL cannot store NUL in a text column, and one such character in a reply
-    stopped the whole batch there. It is replaced on every database and before the
-    reply is echoed, so the stored transcript is the one the model was sent.
+
+def storable_text(text: str) -> str:
+    """Replace NUL characters and lone surrogates with U+FFFD, the Unicode replacement character.
+
+    Either one in a reply made the exchange write raise and stopped the whole batch.
+    They are replaced on every database and before the reply is echoed, so the stored
+    transcript is the one the model was sent.
     """
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+    return _UNSTORABLE.sub("\ufffd", text) if _UNSTORABLE.search(text) else text
 
 
 def _as_name(value: Any) -> str | None:
     """Read a string field of the reply's metadata (id, provider, model, finish reason)."""
-    return without_nul(value) if isinstance(value, str) else None
+    return storable_text(value) if isinstance(value, str) else None
 
 
 def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatReply:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hermitkit.client import ChatReply, ModelInfo, without_nul
+from hermitkit.client import ChatReply, ModelInfo, storable_text
 from hermitkit.errors import BadRequestError, ConfigError, ContextLengthError
 
 logger = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def _chat_reply(result: dict[str, Any], latency_s: float, served_model: str) -> 
     usage = result.get("usage") or {}
     content = choice["message"].get("content")
     return ChatReply(
-        content=without_nul(content) if isinstance(content, str) else None,
+        content=storable_text(content) if isinstance(content, str) else None,
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),

@@ -251,6 +251,15 @@ def test_postgresql_statement_keeps_non_finite_floats(postgres_url: str) -> None
     store.dispose()
 
 
+def test_finish_run_replaces_unstorable_error(store: Store) -> None:
+    # A provider's error text may quote a reply with NUL characters or lone surrogates.
+    _, run_id, _ = _new_run(store, turns=2)
+
+    store.write(partial(batches.finish_run, run_id=run_id, status="failed", error="bad \x00 and \ud800 text"))
+
+    assert _run(store, run_id).error == "bad \ufffd and \ufffd text"
+
+
 def test_begin_runs_matches_begin_run(store: Store) -> None:
     _, fresh, prompt = _new_run(store, turns=2)
     _, resumed, _ = _new_run(store, turns=2)

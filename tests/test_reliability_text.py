@@ -219,20 +219,21 @@ def test_protocol_and_judge_templates_keep_text(prompt, warning, reply):
     assert reply in repair[2]["content"]
 
 
-def test_nul_in_reply_becomes_replacement_character(store: Store) -> None:
-    # PostgreSQL cannot store NUL in text, and one such reply used to stop the whole batch there.
-    with recorded_requests() as requests, DemoServer(faults=[FaultRule("nul_content", model="demo/steady", first=1)]) as server:
+def test_unstorable_characters_become_replacement(store: Store) -> None:
+    # A NUL or a lone surrogate in one reply used to stop the whole batch.
+    with recorded_requests() as requests, DemoServer(faults=[FaultRule("unstorable_content", model="demo/steady", first=1)]) as server:
         outcome = run_batch(demo_config(server.base_url, models=["demo/steady"], turns=3), store=store, progress=False)
-        assert server.stats()["faults_applied"]["nul_content"] == 1
+        assert server.stats()["faults_applied"]["unstorable_content"] == 1
 
     assert outcome.status == "completed"
     assert_batch_exact(store, outcome.batch_id, turns=3)
     run = batch_runs(store, outcome.batch_id)[0]
     turns = run_turns(store, run.id)
     reply, echo = turns[1], turns[2]
-    assert "\ufffd" in reply.content
-    assert echo.content.startswith("\ufffd")
+    assert "{\ufffd\ufffd" in reply.content
+    assert echo.content.startswith("\ufffd\ufffd")
     assert all("\x00" not in (turn.content or "") for turn in turns)
+    assert all(not any("\ud800" <= character <= "\udfff" for character in turn.content or "") for turn in turns)
 
     # The model was sent what the store holds.
     second_request = requests.for_model("demo/steady")[1]["messages"]

@@ -16,7 +16,7 @@ HTTP_FAULT_KINDS = frozenset(
     {"latency", "slow", "reset", "429", "429-date", "500", "502", "503", "error200",
      "malformed_json", "400", "401", "402", "403"}
 )
-CONTENT_FAULT_KINDS = frozenset({"null_content", "empty_content", "absent_content", "nul_content", "context_length"})
+CONTENT_FAULT_KINDS = frozenset({"null_content", "empty_content", "absent_content", "unstorable_content", "context_length"})
 JUDGE_FAULT_KINDS = frozenset(
     {"judge_fenced", "judge_prose", "judge_bom", "judge_trailing_comma", "judge_truncated",
      "judge_out_of_range", "judge_wrong_type", "judge_braces_in_strings", "judge_score_fraction"}

@@ -313,9 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "absent_content":
             del message["content"]
             reasoning = content
-        elif kind == "nul_content":
-            # A NUL character inside the first braces, so that it reaches the echo too.
-            message["content"] = content.replace("{", "{\x00", 1) if "{" in content else content + "\x00"
+        elif kind == "unstorable_content":
+            # A NUL character and a lone surrogate inside the first braces, so that they reach the echo too.
+            message["content"] = content.replace("{", "{\x00\ud800", 1) if "{" in content else content + "\x00\ud800"
         if reasoning is not None:
             message["reasoning"] = reasoning
         if kind is not None and kind not in ("latency", "slow"):
