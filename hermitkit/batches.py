@@ -408,6 +408,13 @@ def begin_runs_statement(calls: list[dict[str, Any]]) -> OneStatement:
         histories: dict[int, list[dict[str, Any]]] = {run_id: [] for run_id in prompts}
         for run_id, idx, role, content, number, verdict in rows:
             histories[run_id].append({"idx": idx, "role": role, "content": content or "", "turn": number, "verdict": verdict})
+
+        for run_id, history in histories.items():
+            if not history:
+                # Another process inserted the prompt after this statement's snapshot and
+                # before its insert, which then did nothing. That prompt is the batch's,
+                # the same as this one.
+                history.append({"idx": 0, "role": "user", "content": prompts[run_id], "turn": None, "verdict": None})
         return [histories[call["run_id"]] for call in calls]
 
     parameters = {"run_id": list(prompts), "prompt": list(prompts.values()), "now": utcnow()}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
-from sqlalchemy import JSON, Text, cast, select
+from sqlalchemy import JSON, Text, cast, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 
 from hermitkit import batches
@@ -377,6 +379,50 @@ def test_begin_runs_statement_matches_merged(postgres_url: str) -> None:
         assert _turn_rows(store, left) == _turn_rows(store, right)
         assert _counts(store, left)[:3] == ("running", None, False)
         assert _counts(store, right)[:3] == ("running", None, False)
+    store.dispose()
+
+
+def _wait_for_lock_wait(connection: object, timeout_s: float = 10.0) -> bool:
+    """Wait until another backend of the same database waits on a lock; return whether one did.
+
+    ``connection`` must be in autocommit mode: within a transaction pg_stat_activity
+    keeps returning the snapshot of its first read.
+    """
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if connection.execute(query).scalar():  # type: ignore[attr-defined]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_begin_runs_statement_races_other_process(postgres_url: str) -> None:
+    # Another process inserts the run's prompt after this statement's snapshot was taken.
+    store = Store(postgres_url)
+    _, run_id, prompt = _new_run(store, turns=2)
+    store.write(lambda session: session.execute(Turn.__table__.delete().where(Turn.run_id == run_id)))
+    other = store.engine.connect()
+    other_transaction = other.begin()
+    other.execute(Turn.__table__.insert(), {"run_id": run_id, "idx": 0, "role": "user", "content": prompt, "created_at": batches.utcnow()})
+
+    # The statement waits for the other transaction on the unique index, then inserts nothing.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        started = pool.submit(_statement_results, store, batches.begin_runs_statement([dict(run_id=run_id, initial_prompt=prompt)]))
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as monitor:
+            waited = _wait_for_lock_wait(monitor)
+        other_transaction.commit()
+        history = started.result(timeout=10)
+    other.close()
+
+    assert waited
+
+    assert history == [[{"idx": 0, "role": "user", "content": prompt, "turn": None, "verdict": None}]]
+    assert [row[0] for row in _turn_rows(store, run_id)] == [0]
+    assert _run(store, run_id).status == "running"
     store.dispose()
 
 
