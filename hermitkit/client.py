@@ -268,13 +268,22 @@ def build_chat_payload(
     return payload
 
 
-def _as_int(value: Any) -> int | None:
+# Token counts and context lengths are stored in 32-bit INTEGER columns.
+_MAX_COUNT = 2**31 - 1
+
+
+def _as_count(value: Any) -> int | None:
+    """Read a token count or context length: a whole number from 0 to 2**31 - 1, or None.
+
+    A provider's value outside that range is treated as not reported, because storing it
+    raised on PostgreSQL (and above 2**63 on SQLite) and stopped the whole batch.
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= _MAX_COUNT:
+        return value
     return None
 
 
@@ -347,9 +356,9 @@ def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatRep
         content=_as_text(message.get("content")),
         reasoning=reasoning,
         finish_reason=_as_name(choice.get("finish_reason")),
-        prompt_tokens=_as_int(usage.get("prompt_tokens")),
-        completion_tokens=_as_int(usage.get("completion_tokens")),
-        reasoning_tokens=_as_int(details.get("reasoning_tokens")),
+        prompt_tokens=_as_count(usage.get("prompt_tokens")),
+        completion_tokens=_as_count(usage.get("completion_tokens")),
+        reasoning_tokens=_as_count(details.get("reasoning_tokens")),
         cost_usd=_as_float(usage.get("cost")),
         latency_s=latency_s,
         generation_id=_as_name(body.get("id")),
@@ -372,10 +381,10 @@ def parse_model_entry(entry: dict[str, Any]) -> ModelInfo:
     if not isinstance(pricing, dict):
         pricing = {}
 
-    context_length = _as_int(entry.get("context_length"))
+    context_length = _as_count(entry.get("context_length"))
     top_provider = entry.get("top_provider")
     if context_length is None and isinstance(top_provider, dict):
-        context_length = _as_int(top_provider.get("context_length"))
+        context_length = _as_count(top_provider.get("context_length"))
 
     parameters = entry.get("supported_parameters")
     if not isinstance(parameters, list):

@@ -135,6 +135,18 @@ def test_parse_reasoning_content_field() -> None:
     assert reply.cost_usd is None
 
 
+def test_parse_ignores_impossible_token_counts() -> None:
+    usage = {"prompt_tokens": 10**12, "completion_tokens": -5, "completion_tokens_details": {"reasoning_tokens": 2.0**31}}
+    body = {"choices": [{"message": {"content": "{a}"}}], "usage": usage}
+
+    reply = parse_chat_reply(body)
+
+    assert reply.prompt_tokens is None
+    assert reply.completion_tokens is None
+    assert reply.reasoning_tokens is None
+    assert parse_chat_reply({**body, "usage": {"prompt_tokens": 2**31 - 1, "completion_tokens": 7.0}}).prompt_tokens == 2**31 - 1
+
+
 def test_parse_content_parts() -> None:
     body = {"choices": [{"message": {"content": [{"type": "text", "text": "{a"}, {"type": "text", "text": "b}"}]}}]}
 
