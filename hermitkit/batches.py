@@ -95,6 +95,10 @@ _TURNS = Turn.__table__
 _RUNS = Run.__table__
 _VERDICT_COUNTS = ("ok", "multiple", "unbalanced", "empty", "missing")
 
+# Reply metadata comes from the provider. PostgreSQL rejects a value longer than its
+# column, which stopped the whole batch, so such a value is cut to fit.
+_METADATA_LENGTHS = {name: _TURNS.c[name].type.length for name in ("finish_reason", "generation_id", "provider", "served_model")}
+
 # Built once with bound parameters, so SQLAlchemy compiles each statement a single time;
 # ``insert(Turn).values(...)`` would build, hash and look up a new statement per turn.
 _INSERT_TURNS = insert(_TURNS)
@@ -446,15 +450,15 @@ def _exchange_rows(
         "turn_number": turn_number,
         "verdict": verdict,
         "extracted": classification.extracted,
-        "finish_reason": reply.finish_reason,
+        "finish_reason": _fit(reply.finish_reason, "finish_reason"),
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "reasoning_tokens": reply.reasoning_tokens,
         "cost_usd": cost_usd,
         "latency_s": reply.latency_s,
-        "generation_id": reply.generation_id,
-        "provider": reply.provider,
-        "served_model": reply.served_model,
+        "generation_id": _fit(reply.generation_id, "generation_id"),
+        "provider": _fit(reply.provider, "provider"),
+        "served_model": _fit(reply.served_model, "served_model"),
         "created_at": now,
     }
     rows = [assistant]
@@ -471,6 +475,12 @@ def _exchange_rows(
         "add_cost_usd": cost_usd or 0.0,
     }
     return rows, run_counts
+
+
+def _fit(value: str | None, column: str) -> str | None:
+    """Cut a metadata value to the length of its ``turns`` column."""
+    length = _METADATA_LENGTHS[column]
+    return value if value is None or len(value) <= length else value[:length]
 
 
 def finish_run(session: Session, run_id: int, status: str, error: str | None = None) -> None:

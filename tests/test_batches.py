@@ -213,7 +213,9 @@ def test_postgresql_statement_matches_add_exchanges(postgres_url: str) -> None:
     store.dispose()
 
 
-def test_postgresql_statement_rejects_bad_rows(postgres_url: str) -> None:
+def test_postgresql_statement_rejects_bad_rows(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the cut of metadata to its column, so that the statement's own check is tested.
+    monkeypatch.setitem(batches._METADATA_LENGTHS, "served_model", 10_000)
     store = Store(postgres_url)
     _, run_id, _ = _new_run(store, turns=3)
     reply = ChatReply(content="{a}", prompt_tokens=1, completion_tokens=1)
@@ -251,6 +253,20 @@ def test_postgresql_statement_keeps_non_finite_floats(postgres_url: str) -> None
     assert stored.latency_s == float("inf")
     assert math.isnan(_run(store, run_id).cost_usd)
     store.dispose()
+
+
+def test_long_reply_metadata_is_cut_to_fit(store: Store) -> None:
+    _, run_id, _ = _new_run(store, turns=2)
+    reply = ChatReply(content="{a}", finish_reason="f" * 65, generation_id="g" * 201, provider="p" * 201, served_model="m" * 301)
+
+    store.write(partial(batches.add_exchange, run_id=run_id, idx=1, turn_number=1, reply=reply, cost_usd=None, classification=classify("{a}"), echo="a"))
+
+    stored = store.read(lambda session: session.execute(
+        select(Turn.finish_reason, Turn.generation_id, Turn.provider, Turn.served_model).where(Turn.run_id == run_id, Turn.idx == 1)).one())
+    assert stored.finish_reason == "f" * 64
+    assert stored.generation_id == "g" * 200
+    assert stored.provider == "p" * 200
+    assert stored.served_model == "m" * 300
 
 
 def test_finish_run_replaces_unstorable_error(store: Store) -> None:
