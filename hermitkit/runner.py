@@ -263,11 +263,21 @@ class BatchExecution:
                     echo=echo,
                     completes_run=is_last,
                 )
-            except IntegrityError:
-                # Another process stored this turn first: continue from its transcript.
-                log.warning("Run %d turn %d was already stored by another process; reloading its transcript", task.run_id, turn_number)
+            except IntegrityError as exc:
                 history = await self._db(batches.load_history, run_id=task.run_id)
-                done = sum(1 for message in history if message["role"] == "assistant")
+                stored = sum(1 for message in history if message["role"] == "assistant")
+                if stored < turn_number:
+                    # Not another process's copy of this turn but a rejected row (a foreign key or
+                    # check violation, say). Sending the turn again would fail the same way, paid each time.
+                    error = f"Turn {turn_number} could not be stored: {str(exc.orig).strip()}"
+                    log.error("Run %d (%s) failed: %s", task.run_id, task.model, error)
+                    await self._db(batches.finish_run, run_id=task.run_id, status="failed", error=error)
+                    self._emit("run_finished", run_id=task.run_id, model=task.model, status="failed", error=error)
+                    return "failed"
+
+                # Another process stored this turn first: continue from its transcript.
+                log.warning("Run %d turn %d was already stored by another process; continuing from its transcript", task.run_id, turn_number)
+                done = stored
                 continue
 
             history.append({"role": "assistant", "content": reply.content or "", "turn": turn_number, "verdict": classification.verdict})

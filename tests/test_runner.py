@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from hermitkit.config import build_config
 from hermitkit.demo import DemoServer, FaultRule
@@ -296,3 +296,39 @@ def test_each_repetition_gets_own_seed(sqlite_url):
         outcome = run_batch(_config(server.base_url, models=["demo/steady"], runs=3, turns=1, seed=10), store=store, progress=False)
     seeds = store.read(lambda s: s.scalars(select(Run.params).where(Run.batch_id == outcome.batch_id).order_by(Run.repetition)).all())
     assert [params["seed"] for params in seeds] == [10, 11, 12]
+
+
+_REJECT_TURN_TWO = {
+    "sqlite": [
+        "CREATE TRIGGER reject_turn BEFORE INSERT ON turns WHEN NEW.role = 'assistant' AND NEW.turn_number = 2 "
+        "BEGIN SELECT RAISE(ABORT, 'turn 2 rejected by a test trigger'); END",
+    ],
+    "postgresql": [
+        "CREATE FUNCTION reject_turn() RETURNS trigger AS $$ BEGIN "
+        "IF NEW.role = 'assistant' AND NEW.turn_number = 2 THEN "
+        "RAISE EXCEPTION 'turn 2 rejected by a test trigger' USING ERRCODE = 'check_violation'; END IF; "
+        "RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER reject_turn BEFORE INSERT ON turns FOR EACH ROW EXECUTE FUNCTION reject_turn()",
+    ],
+}
+
+
+def test_rejected_turn_fails_run_once(store: Store) -> None:
+    # A turn that the database rejects for a reason other than a duplicate is requested once.
+    with store.engine.begin() as connection:
+        for statement in _REJECT_TURN_TWO[store.dialect]:
+            connection.execute(text(statement))
+
+    with DemoServer() as server:
+        outcome = run_batch(_config(server.base_url, models=["demo/steady"], runs=2, turns=3), store=store, progress=False)
+        requests = _chat_requests(server)
+        judge_requests = _chat_requests(server, judge=True)
+
+    runs = store.read(lambda session: list(session.scalars(select(Run).order_by(Run.id))))
+    assert outcome.status == "failed"
+    assert requests == 2 * 2
+    assert judge_requests == 0
+    assert [run.status for run in runs] == ["failed", "failed"]
+    assert [run.turn_count for run in runs] == [1, 1]
+    assert all("Turn 2 could not be stored" in run.error for run in runs)
+    assert all("turn 2 rejected by a test trigger" in run.error for run in runs)
