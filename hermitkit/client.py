@@ -15,6 +15,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -287,16 +288,20 @@ def _as_count(value: Any) -> int | None:
     return None
 
 
-def _as_float(value: Any) -> float | None:
+def _as_amount(value: Any) -> float | None:
+    """Read a cost or price in USD: a finite number of at least 0, given as a number or a string, or None.
+
+    A NaN cost made the batch's spend NaN, and no budget check stops at NaN.
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             return None
+    if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+        return float(value)
     return None
 
 
@@ -359,7 +364,7 @@ def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatRep
         prompt_tokens=_as_count(usage.get("prompt_tokens")),
         completion_tokens=_as_count(usage.get("completion_tokens")),
         reasoning_tokens=_as_count(details.get("reasoning_tokens")),
-        cost_usd=_as_float(usage.get("cost")),
+        cost_usd=_as_amount(usage.get("cost")),
         latency_s=latency_s,
         generation_id=_as_name(body.get("id")),
         provider=_as_name(body.get("provider")),
@@ -368,11 +373,9 @@ def parse_chat_reply(body: dict[str, Any], *, latency_s: float = 0.0) -> ChatRep
 
 
 def _parse_price(value: Any) -> float | None:
-    # OpenRouter writes "-1" for routers whose price is not known in advance.
-    price = _as_float(value)
-    if price is None or price < 0:
-        return None
-    return price
+    # OpenRouter writes "-1" for routers whose price is not known in advance, which
+    # _as_amount reads as None.
+    return _as_amount(value)
 
 
 def parse_model_entry(entry: dict[str, Any]) -> ModelInfo:

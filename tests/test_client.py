@@ -20,6 +20,7 @@ from hermitkit.client import (
     backoff_delay,
     build_chat_payload,
     parse_chat_reply,
+    parse_model_entry,
     parse_model_list,
     parse_retry_after,
     resolve_api_key,
@@ -145,6 +146,22 @@ def test_parse_ignores_impossible_token_counts() -> None:
     assert reply.completion_tokens is None
     assert reply.reasoning_tokens is None
     assert parse_chat_reply({**body, "usage": {"prompt_tokens": 2**31 - 1, "completion_tokens": 7.0}}).prompt_tokens == 2**31 - 1
+
+
+@pytest.mark.parametrize("cost", ["NaN", float("nan"), "inf", -0.5, "-1", True])
+def test_parse_ignores_impossible_cost(cost: object) -> None:
+    # A NaN cost would make the spend NaN, which no budget check stops at.
+    body = {"choices": [{"message": {"content": "{a}"}}], "usage": {"cost": cost}}
+
+    assert parse_chat_reply(body).cost_usd is None
+
+
+@pytest.mark.parametrize("price", ["NaN", "inf", "-1"])
+def test_model_entry_ignores_impossible_price(price: str) -> None:
+    info = parse_model_entry({"id": "vendor/model", "pricing": {"prompt": price, "completion": "0.000002"}})
+
+    assert info.prompt_price is None
+    assert info.completion_price == 0.000002
 
 
 def test_parse_content_parts() -> None:
