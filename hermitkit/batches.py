@@ -38,6 +38,9 @@ class RunTask:
     turns_target: int
 
 
+_MODEL_NAME_LENGTH = ModelRecord.__table__.c.name.type.length
+
+
 def upsert_models(session: Session, endpoint: str, infos: list[ModelInfo]) -> None:
     now = utcnow()
     for info in infos:
@@ -45,7 +48,8 @@ def upsert_models(session: Session, endpoint: str, infos: list[ModelInfo]) -> No
         if record is None:
             record = ModelRecord(endpoint=endpoint, model_id=info.id)
             session.add(record)
-        record.name = info.name
+        # The name is only shown, so a provider's overlong one is cut to its column.
+        record.name = info.name[: _MODEL_NAME_LENGTH]
         record.context_length = info.context_length
         record.prompt_price = info.prompt_price
         record.completion_price = info.completion_price

@@ -395,11 +395,11 @@ def parse_model_entry(entry: dict[str, Any]) -> ModelInfo:
     structured = "structured_outputs" in parameters or "response_format" in parameters
 
     model_id = str(entry["id"])
-    name = entry.get("name")
+    name = _as_name(entry.get("name"))
     description = entry.get("description")
     return ModelInfo(
         id=model_id,
-        name=name if isinstance(name, str) and name else model_id,
+        name=name or model_id,
         context_length=context_length,
         prompt_price=_parse_price(pricing.get("prompt")),
         completion_price=_parse_price(pricing.get("completion")),

@@ -12,13 +12,13 @@ from sqlalchemy import JSON, Text, cast, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 
 from hermitkit import batches
-from hermitkit.client import ChatReply
+from hermitkit.client import ChatReply, ModelInfo
 from hermitkit.config import build_config
 from hermitkit.demo import DemoServer
 from hermitkit.judge import JudgeOutcome, Verdict
 from hermitkit.protocol import classify
 from hermitkit.runner import resume_batch
-from hermitkit.store import Judgement, Run, Store, Turn
+from hermitkit.store import Judgement, ModelRecord, Run, Store, Turn
 
 
 def _new_run(store: Store, turns: int = 2) -> tuple[int, int, str]:
@@ -267,6 +267,15 @@ def test_long_reply_metadata_is_cut_to_fit(store: Store) -> None:
     assert stored.generation_id == "g" * 200
     assert stored.provider == "p" * 200
     assert stored.served_model == "m" * 300
+
+
+def test_upsert_models_cuts_long_name(store: Store) -> None:
+    info = ModelInfo(id="vendor/long", name="n" * 600, context_length=None, prompt_price=None, completion_price=None)
+
+    store.write(partial(batches.upsert_models, endpoint="http://127.0.0.1:9/v1", infos=[info]))
+
+    stored = store.read(lambda session: session.get(ModelRecord, ("http://127.0.0.1:9/v1", "vendor/long")).name)
+    assert stored == "n" * 500
 
 
 def test_finish_run_replaces_unstorable_error(store: Store) -> None:

@@ -530,6 +530,13 @@ def test_list_models_plain_openai_format() -> None:
     assert models[0].is_demo is False
 
 
+def test_model_entry_name_without_nul() -> None:
+    info = parse_model_entry({"id": "vendor/model", "name": "Model\x00 X"})
+
+    assert info.name == "Model\ufffd X"
+    assert parse_model_entry({"id": "vendor/model", "name": ""}).name == "vendor/model"
+
+
 def test_parse_model_list_skips_bad_entries() -> None:
     body = {"data": [{"id": "a", "pricing": {"prompt": "-1", "completion": "x"}}, {"name": "no id"}, "junk"]}
 
