@@ -385,13 +385,16 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, budget_usd: float
 
 @cli.command("demo-server")
 @click.option("--port", type=int, default=8765, show_default=True, help="TCP port on 127.0.0.1.")
-@click.option("--latency", "latency_s", type=float, default=0.0, show_default=True, help="Delay added to every reply, in seconds.")
+@click.option("--latency", "latency_s", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Delay added to every reply, in seconds.")
 @click.option("--fault", "faults", multiple=True, metavar="RULE", help="Fault rule such as 429:rate=0.1, 500:every=7 or null_content:model=demo/forgetful:first=2.")
 def demo_server(port: int, latency_s: float, faults: tuple[str, ...]) -> None:
     """Serve the offline demo models on http://127.0.0.1:PORT/v1 until interrupted."""
     from hermitkit.demo import serve_forever
 
-    serve_forever("127.0.0.1", port, latency_s=latency_s, faults=list(faults))
+    try:
+        serve_forever("127.0.0.1", port, latency_s=latency_s, faults=list(faults))
+    except OSError as exc:
+        raise HermitkitError(f"Could not listen on 127.0.0.1:{port}: {exc.strerror or exc}. Pick another port with --port.") from None
 
 
 def main() -> None:

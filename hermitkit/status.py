@@ -61,7 +61,7 @@ def run_transcript(store: Store, run_id: int) -> tuple[dict[str, Any], list[dict
     def read(session):  # type: ignore[no-untyped-def]
         run = session.get(Run, run_id)
         if run is None:
-            raise ConfigError(f"Run {run_id} not found in {store}. `hermitkit status BATCH_ID` shows a batch's runs.")
+            raise ConfigError(f"Run {run_id} not found in {store}. The runs file of `hermitkit export BATCH_ID` lists a batch's run ids.")
         info = {
             "id": run.id,
             "batch_id": run.batch_id,

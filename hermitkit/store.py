@@ -39,10 +39,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from hermitkit.errors import StoreError
+from hermitkit.errors import ConfigError, StoreError
 
 log = logging.getLogger("hermitkit.store")
 
@@ -383,12 +383,35 @@ def upgrade_database(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+_URL_FORMS = "sqlite:///PATH (a file) or postgresql://USER@HOST:PORT/DATABASE"
+
+
+def _checked(url: str, create: Callable[[str], Engine]) -> Engine:
+    """Create the engine for ``url``, raising ConfigError for a URL that hermitkit cannot use."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        # Not parsable, so redact_url cannot find a password in it: hide everything before an "@".
+        shown = url if "@" not in url else "***@" + url.rsplit("@", 1)[1]
+        raise ConfigError(f"Invalid database URL {shown!r}: use {_URL_FORMS}.") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"Unsupported database {backend!r} in {redact_url(url)}: hermitkit stores batches in SQLite or PostgreSQL, so use {_URL_FORMS}.")
+
+    try:
+        return create(url)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigError(
+            f"The database driver of {redact_url(url)} is not available ({exc}). "
+            f"Use {_URL_FORMS}; plain postgresql:// URLs use psycopg, which hermitkit installs."
+        ) from None
+
+
 class Store:
     """A handle on one database. Cheap to share; create one per process."""
 
     def __init__(self, url: str | None = None, *, upgrade: bool = True):
         self.url = normalize_database_url(url) if url else default_database_url()
-        self.engine = self._create_engine(self.url)
+        self.engine = _checked(self.url, self._create_engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if upgrade:
             with _upgrade_lock:

@@ -9,6 +9,7 @@ return a value or raise ConfigError.
 from __future__ import annotations
 
 import difflib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,38 @@ def test_parse_override_reads_yaml_types():
 
 def test_builtin_protocol_loads():
     assert load_protocol().id == "hermitkit-v1"
+
+
+# ---------------------------------------------------------------- database URLs and ports
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgress://postgres@127.0.0.1/x", "Unsupported database 'postgress'"),
+        ("mysql://user:secret@127.0.0.1/x", "Unsupported database 'mysql' in mysql://user:***@127.0.0.1/x"),
+        ("user:secret@127.0.0.1:5432/x", "Invalid database URL '***@127.0.0.1:5432/x'"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/x", "The database driver of postgresql+psycopg2://postgres@127.0.0.1/x is not available"),
+    ],
+)
+def test_bad_database_url_named_without_traceback(url, expected):
+    result = CliRunner().invoke(cli, ["status", "--database-url", url])
+
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert "sqlite:///PATH" in result.output
+    assert "secret" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_demo_server_port_in_use_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = CliRunner().invoke(cli, ["demo-server", "--port", str(port)])
+
+    assert result.exit_code == 1
+    assert f"Could not listen on 127.0.0.1:{port}" in result.output
+    assert "--port" in result.output
