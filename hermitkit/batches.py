@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Row, bindparam, func, insert, select, text, update
+from sqlalchemy import JSON, Column, Row, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -38,9 +38,6 @@ class RunTask:
     turns_target: int
 
 
-_MODEL_NAME_LENGTH = ModelRecord.__table__.c.name.type.length
-
-
 def upsert_models(session: Session, endpoint: str, infos: list[ModelInfo]) -> None:
     now = utcnow()
     for info in infos:
@@ -48,8 +45,7 @@ def upsert_models(session: Session, endpoint: str, infos: list[ModelInfo]) -> No
         if record is None:
             record = ModelRecord(endpoint=endpoint, model_id=info.id)
             session.add(record)
-        # The name is only shown, so a provider's overlong one is cut to its column.
-        record.name = info.name[: _MODEL_NAME_LENGTH]
+        record.name = _fit(info.name, ModelRecord.__table__.c.name)
         record.context_length = info.context_length
         record.prompt_price = info.prompt_price
         record.completion_price = info.completion_price
@@ -98,10 +94,6 @@ def create_batch(session: Session, config: BatchConfig, protocol: Protocol, *, e
 _TURNS = Turn.__table__
 _RUNS = Run.__table__
 _VERDICT_COUNTS = ("ok", "multiple", "unbalanced", "empty", "missing")
-
-# Reply metadata comes from the provider. PostgreSQL rejects a value longer than its
-# column, which stopped the whole batch, so such a value is cut to fit.
-_METADATA_LENGTHS = {name: _TURNS.c[name].type.length for name in ("finish_reason", "generation_id", "provider", "served_model")}
 
 # Built once with bound parameters, so SQLAlchemy compiles each statement a single time;
 # ``insert(Turn).values(...)`` would build, hash and look up a new statement per turn.
@@ -350,7 +342,10 @@ _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def _json_rows(rows: list[dict[str, Any]], floats: tuple[str, ...]) -> str:
-    """Encode ``rows`` for json_to_recordset: timestamps in ISO 8601, non-finite floats as strings."""
+    """Encode ``rows`` for json_to_recordset: timestamps in ISO 8601, non-finite floats as strings.
+
+    The non-finite values of the ``floats`` keys are replaced in ``rows`` itself.
+    """
     for row in rows:
         for name in floats:
             value = row.get(name)
@@ -454,15 +449,15 @@ def _exchange_rows(
         "turn_number": turn_number,
         "verdict": verdict,
         "extracted": classification.extracted,
-        "finish_reason": _fit(reply.finish_reason, "finish_reason"),
+        "finish_reason": _fit(reply.finish_reason, _TURNS.c.finish_reason),
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
         "reasoning_tokens": reply.reasoning_tokens,
         "cost_usd": cost_usd,
         "latency_s": reply.latency_s,
-        "generation_id": _fit(reply.generation_id, "generation_id"),
-        "provider": _fit(reply.provider, "provider"),
-        "served_model": _fit(reply.served_model, "served_model"),
+        "generation_id": _fit(reply.generation_id, _TURNS.c.generation_id),
+        "provider": _fit(reply.provider, _TURNS.c.provider),
+        "served_model": _fit(reply.served_model, _TURNS.c.served_model),
         "created_at": now,
     }
     rows = [assistant]
@@ -481,9 +476,12 @@ def _exchange_rows(
     return rows, run_counts
 
 
-def _fit(value: str | None, column: str) -> str | None:
-    """Cut a metadata value to the length of its ``turns`` column."""
-    length = _METADATA_LENGTHS[column]
+def _fit(value: str | None, column: Column[Any]) -> str | None:
+    """Cut a provider's name or id to the length of its VARCHAR ``column``.
+
+    PostgreSQL rejects a longer value, and one such value stopped the whole batch.
+    """
+    length = column.type.length
     return value if value is None or len(value) <= length else value[:length]
 
 

@@ -267,8 +267,8 @@ class BatchExecution:
                 history = await self._db(batches.load_history, run_id=task.run_id)
                 stored = sum(1 for message in history if message["role"] == "assistant")
                 if stored < turn_number:
-                    # Not another process's copy of this turn but a rejected row (a foreign key or
-                    # check violation, say). Sending the turn again would fail the same way, paid each time.
+                    # Not another process's copy of this turn but a rejected row, for example a foreign
+                    # key or check violation. Sending the turn again would fail the same way, paid each time.
                     error = f"Turn {turn_number} could not be stored: {str(exc.orig).strip()}"
                     log.error("Run %d (%s) failed: %s", task.run_id, task.model, error)
                     await self._db(batches.finish_run, run_id=task.run_id, status="failed", error=error)

@@ -386,32 +386,12 @@ def upgrade_database(engine: Engine) -> None:
 _URL_FORMS = "sqlite:///PATH (a file) or postgresql://USER@HOST:PORT/DATABASE"
 
 
-def _checked(url: str, create: Callable[[str], Engine]) -> Engine:
-    """Create the engine for ``url``, raising ConfigError for a URL that hermitkit cannot use."""
-    try:
-        backend = make_url(url).get_backend_name()
-    except ArgumentError:
-        # Not parsable, so redact_url cannot find a password in it: hide everything before an "@".
-        shown = url if "@" not in url else "***@" + url.rsplit("@", 1)[1]
-        raise ConfigError(f"Invalid database URL {shown!r}: use {_URL_FORMS}.") from None
-    if backend not in ("sqlite", "postgresql"):
-        raise ConfigError(f"Unsupported database {backend!r} in {redact_url(url)}: hermitkit stores batches in SQLite or PostgreSQL, so use {_URL_FORMS}.")
-
-    try:
-        return create(url)
-    except (NoSuchModuleError, ImportError) as exc:
-        raise ConfigError(
-            f"The database driver of {redact_url(url)} is not available ({exc}). "
-            f"Use {_URL_FORMS}; plain postgresql:// URLs use psycopg, which hermitkit installs."
-        ) from None
-
-
 class Store:
     """A handle on one database. Cheap to share; create one per process."""
 
     def __init__(self, url: str | None = None, *, upgrade: bool = True):
         self.url = normalize_database_url(url) if url else default_database_url()
-        self.engine = _checked(self.url, self._create_engine)
+        self.engine = self._create_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if upgrade:
             with _upgrade_lock:
@@ -431,17 +411,36 @@ class Store:
 
     @staticmethod
     def _create_engine(url: str) -> Engine:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
+        """Create the engine for ``url``, raising ConfigError for a URL that hermitkit cannot use."""
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            # Not parsable, so redact_url cannot find a password in it: hide everything before an "@".
+            redacted = url if "@" not in url else "***@" + url.rsplit("@", 1)[1]
+            raise ConfigError(f"Invalid database URL {redacted!r}: use {_URL_FORMS}.") from None
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigError(f"Unsupported database {backend!r} in {redact_url(url)}: hermitkit stores batches in SQLite or PostgreSQL, so use {_URL_FORMS}.")
+
+        if backend == "sqlite":
             database = parsed.database
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-            _configure_sqlite(engine)
-            return engine
+            options: dict[str, Any] = {"connect_args": {"timeout": 60, "check_same_thread": False}}
+        else:
+            # pool_pre_ping replaces connections that the server closed while idle.
+            options = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
 
-        # pool_pre_ping replaces connections that the server closed while idle.
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        try:
+            engine = create_engine(url, **options)
+        except (NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(
+                f"The database driver of {redact_url(url)} is not available ({exc}). "
+                f"Use {_URL_FORMS}. Plain postgresql:// URLs use psycopg, which hermitkit installs."
+            ) from None
+        if backend == "sqlite":
+            _configure_sqlite(engine)
+        return engine
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

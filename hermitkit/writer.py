@@ -65,8 +65,8 @@ Merged = Callable[[Session, list[dict[str, Any]]], list[Any]]
 class OneStatement(NamedTuple):
     """One statement, atomic on its own, that does the work of several calls of one action.
 
-    ``results`` turns the statement's rows into the calls' results, in call order; without
-    it every call returns None.
+    ``results`` turns the statement's rows into the calls' results, in call order. Without
+    it, every call returns None.
     """
 
     statement: Executable
@@ -374,13 +374,14 @@ class AsyncWriter(Writer):
         """Split ``group`` into one part per statement action and one for the other calls.
 
         The calls of a group wait at the same time, so each comes from a different task
-        and none can depend on another's write: any order of them is one that could
-        have happened. Parts keep the order in which their actions first appear, and
+        and none can depend on another's write. Any order of them is therefore one that
+        could have happened. Parts keep the order in which their actions first appear, and
         calls keep their order within a part.
         """
         parts: dict[Action | None, list[_Call]] = {}
         for call in group:
-            parts.setdefault(call[0] if call[0] in self.statements else None, []).append(call)
+            key = call[0] if call[0] in self.statements else None
+            parts.setdefault(key, []).append(call)
         return list(parts.values())
 
     async def _write_group(self, group: list[tuple[Action, dict[str, Any]]]) -> list[tuple[bool, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -215,7 +216,7 @@ def test_postgresql_statement_matches_add_exchanges(postgres_url: str) -> None:
 
 def test_postgresql_statement_rejects_bad_rows(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without the cut of metadata to its column, so that the statement's own check is tested.
-    monkeypatch.setitem(batches._METADATA_LENGTHS, "served_model", 10_000)
+    monkeypatch.setattr(batches, "_fit", lambda value, column: value)
     store = Store(postgres_url)
     _, run_id, _ = _new_run(store, turns=3)
     reply = ChatReply(content="{a}", prompt_tokens=1, completion_tokens=1)
@@ -361,14 +362,11 @@ def _parsed_outcome() -> JudgeOutcome:
         context_loss=False,
         analysis="Message 2 turns to the tides.",
     )
-    return JudgeOutcome(
+    return replace(
+        _failed_outcome(),
         status="ok",
         verdict=verdict,
         raw_reply="{...}",
-        repair_reply=None,
-        failure=None,
-        attempts=1,
-        truncated=False,
         prompt_tokens=120,
         completion_tokens=40,
         cost_usd=0.002,
@@ -408,7 +406,7 @@ def test_begin_runs_statement_matches_merged(postgres_url: str) -> None:
 
 
 def _wait_for_lock_wait(connection: object, timeout_s: float = 10.0) -> bool:
-    """Wait until another backend of the same database waits on a lock; return whether one did.
+    """Wait until another backend of the same database waits on a lock, and return whether one did.
 
     ``connection`` must be in autocommit mode: within a transaction pg_stat_activity
     keeps returning the snapshot of its first read.

@@ -235,6 +235,6 @@ def test_unstorable_characters_become_replacement(store: Store) -> None:
     assert all("\x00" not in (turn.content or "") for turn in turns)
     assert all(not any("\ud800" <= character <= "\udfff" for character in turn.content or "") for turn in turns)
 
-    # The model was sent what the store holds.
+    # The model was sent what the store contains.
     second_request = requests.for_model("demo/steady")[1]["messages"]
     assert [message["content"] for message in second_request[-2:]] == [reply.content, echo.content]
