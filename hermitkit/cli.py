@@ -263,6 +263,9 @@ def status(batch_id: int | str | None, database_url: str | None) -> None:
     click.echo(f"  spent: ${info['spent_usd']:.4f}" + (f" of a ${info['budget_usd']:.4f} budget" if info["budget_usd"] else ""))
     if info["error"]:
         click.echo(f"  note: {info['error']}")
+    if info["lease"] is not None:
+        lease = info["lease"]
+        click.echo(f"  lease: held by pid {lease['pid']} on host {printable(lease['host'] or '')}, renewed until {lease['expires_at']:%Y-%m-%d %H:%M:%S} UTC")
     if info["status"] in ("running", "pending", "interrupted"):
         # A killed process cannot update the status, so "running" may be stale.
         click.echo(f"  If no process is running this batch any more (for example it was killed), `hermitkit resume {batch_id}` continues it.")

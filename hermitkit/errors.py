@@ -58,3 +58,7 @@ class BudgetExhaustedError(HermitkitError):
 
 class StoreError(HermitkitError):
     """The database could not be opened, migrated or written."""
+
+
+class BatchBusyError(HermitkitError):
+    """Another live process holds the batch's lease, so this one must not send its requests."""

@@ -76,6 +76,7 @@ async def rejudge_batch_async(
     the runs left are listed in ``over_budget``. Requests already in flight finish and
     are stored, so the pass can cost up to ``concurrency`` verdicts more than the budget.
     """
+    from hermitkit.lease import batch_lease
     from hermitkit.providers import ProviderSet
     from hermitkit.runner import load_batch
 
@@ -88,60 +89,70 @@ async def rejudge_batch_async(
     if not ready:
         return outcome
 
-    providers = ProviderSet(config.endpoint, models=[judge_model])
-    await providers.open()
-    try:
-        providers.require_key()
-        catalogue = await providers.catalogue()
-        info = catalogue.get(judge_model)
-        provider = providers.for_model(judge_model)
-        slots = asyncio.Semaphore(concurrency or config.concurrency)
+    # Another process that runs or rejudges this batch at the same time would pay for the same verdicts.
+    lease_lost = asyncio.Event()
+    async with batch_lease(store, batch_id, on_lost=lease_lost.set):
+        providers = ProviderSet(config.endpoint, models=[judge_model])
+        await providers.open()
+        try:
+            providers.require_key()
+            catalogue = await providers.catalogue()
+            info = catalogue.get(judge_model)
+            provider = providers.for_model(judge_model)
+            slots = asyncio.Semaphore(concurrency or config.concurrency)
 
-        def budget_spent() -> bool:
-            return budget_usd is not None and outcome.cost_usd >= budget_usd
+            def budget_spent() -> bool:
+                return budget_usd is not None and outcome.cost_usd >= budget_usd
 
-        async def judge_one(run_id: int) -> None:
-            if budget_spent():
-                outcome.over_budget.append(run_id)
-                return
-            transcript, counts = await asyncio.to_thread(store.read, partial(batches.judge_transcript_rows, run_id=run_id))
-            async with slots:
-                # Checked again after the wait for a slot, when other verdicts may have spent the budget.
+            def must_stop(run_id: int) -> bool:
+                if lease_lost.is_set():
+                    outcome.errors[run_id] = "Not judged: another process took over this batch's lease, so this pass stopped sending."
+                    return True
                 if budget_spent():
                     outcome.over_budget.append(run_id)
+                    return True
+                return False
+
+            async def judge_one(run_id: int) -> None:
+                if must_stop(run_id):
                     return
+                transcript, counts = await asyncio.to_thread(store.read, partial(batches.judge_transcript_rows, run_id=run_id))
+                async with slots:
+                    # Checked again after the wait for a slot, when other verdicts may have spent the budget.
+                    if must_stop(run_id):
+                        return
+                    try:
+                        result = await judge_transcript(
+                            provider,
+                            judge_model,
+                            transcript,
+                            counts,
+                            protocol_prompt=protocol.initial_prompt,
+                            temperature=config.judge_temperature,
+                            seed=config.judge_seed,
+                            max_tokens=config.judge_max_tokens,
+                            supports_structured_output=bool(info and info.supports_structured_output),
+                        )
+                    except ContextLengthError as exc:
+                        result = JudgeOutcome("context_exhausted", None, None, None, ParseFailure("context_length", str(exc)), 1, False, None, None, None, config.judge_sampling())
+                    # Counted before the slot is released, so that the next budget check includes it.
+                    outcome.cost_usd += result.cost_usd or 0.0
+                await asyncio.to_thread(store.write, partial(_store_verdict, run_id=run_id, judge_model=judge_model, outcome=result))
+                outcome.judged += 1
+                outcome.parse_failures += result.status != "ok"
+
+            async def guarded(run_id: int) -> None:
                 try:
-                    result = await judge_transcript(
-                        provider,
-                        judge_model,
-                        transcript,
-                        counts,
-                        protocol_prompt=protocol.initial_prompt,
-                        temperature=config.judge_temperature,
-                        seed=config.judge_seed,
-                        max_tokens=config.judge_max_tokens,
-                        supports_structured_output=bool(info and info.supports_structured_output),
-                    )
-                except ContextLengthError as exc:
-                    result = JudgeOutcome("context_exhausted", None, None, None, ParseFailure("context_length", str(exc)), 1, False, None, None, None, config.judge_sampling())
-                # Counted before the slot is released, so that the next budget check includes it.
-                outcome.cost_usd += result.cost_usd or 0.0
-            await asyncio.to_thread(store.write, partial(_store_verdict, run_id=run_id, judge_model=judge_model, outcome=result))
-            outcome.judged += 1
-            outcome.parse_failures += result.status != "ok"
+                    await judge_one(run_id)
+                except (AuthenticationError, InsufficientCreditsError):
+                    raise
+                except ProviderError as exc:
+                    log.error("Judge %s failed on run %d: %s", judge_model, run_id, exc)
+                    outcome.errors[run_id] = str(exc)
 
-        async def guarded(run_id: int) -> None:
-            try:
-                await judge_one(run_id)
-            except (AuthenticationError, InsufficientCreditsError):
-                raise
-            except ProviderError as exc:
-                log.error("Judge %s failed on run %d: %s", judge_model, run_id, exc)
-                outcome.errors[run_id] = str(exc)
-
-        await asyncio.gather(*(guarded(run_id) for run_id in ready))
-    finally:
-        await providers.close()
+            await asyncio.gather(*(guarded(run_id) for run_id in ready))
+        finally:
+            await providers.close()
     outcome.over_budget.sort()
     return outcome
 

@@ -34,6 +34,7 @@ from hermitkit.judge import JudgeOutcome, ParseFailure, judge_transcript
 from hermitkit.protocol import Protocol, build_messages, classify, next_user_message
 from hermitkit.providers import ProviderSet
 from hermitkit.store import Batch, Store, batch_spent_usd
+from hermitkit.lease import LEASE_S, batch_lease, check_free
 from hermitkit.writer import writer_for
 
 log = logging.getLogger("hermitkit.runner")
@@ -100,6 +101,7 @@ class BatchExecution:
         self.cancel = cancel or threading.Event()
         self.spent_usd = 0.0
         self.budget_hit = False
+        self.lease_lost = False
         self.fatal: ProviderError | None = None
         self._model_slots: dict[str, asyncio.Semaphore] = {}
         # One writer per batch, so this batch's writes never contend with each other and
@@ -135,7 +137,7 @@ class BatchExecution:
             log.exception("Event callback failed for event %s", kind)
 
     def _check_can_send(self) -> None:
-        if self.fatal is not None or self.cancel.is_set():
+        if self.fatal is not None or self.cancel.is_set() or self.lease_lost:
             raise _StopBatch()
         budget = self.config.budget_usd
         if budget is not None and self.spent_usd >= budget:
@@ -152,11 +154,19 @@ class BatchExecution:
 
     async def execute(self) -> BatchOutcome:
         try:
-            return await self._execute()
+            async with batch_lease(self.store, self.batch_id, on_lost=self._lose_lease):
+                try:
+                    return await self._execute()
+                finally:
+                    # Every queued write lands before another process may take the batch.
+                    await self._writer.aclose()
         finally:
             await self._writer.aclose()
             if self._bar is not None:
                 self._bar.close()
+
+    def _lose_lease(self) -> None:
+        self.lease_lost = True
 
     async def _execute(self) -> BatchOutcome:
         self.spent_usd = await self._db(batch_spent_usd, batch_id=self.batch_id)
@@ -216,6 +226,9 @@ class BatchExecution:
             try:
                 self._check_can_send()
             except _StopBatch:
+                if self.lease_lost:
+                    # The run now belongs to the process that took the lease.
+                    raise
                 if self.budget_hit:
                     status = "budget_exhausted"
                 elif self.cancel.is_set():
@@ -365,6 +378,15 @@ class BatchExecution:
 
     async def _finish(self) -> BatchOutcome:
         statuses = await self._db(batches.batch_run_statuses, batch_id=self.batch_id)
+        if self.lease_lost:
+            # The batch's status is the other process's to write now.
+            message = (
+                f"This process could not renew its lease on batch {self.batch_id} for {LEASE_S:.0f} s, and another process took "
+                f"the batch over, so this one stopped sending. Its stored turns are kept. See `hermitkit status {self.batch_id}`."
+            )
+            self._emit("batch_finished", status="interrupted", message=message)
+            return BatchOutcome(self.batch_id, "interrupted", message, statuses, self.spent_usd, self.providers.is_demo)
+
         unjudged = await self._db(batches.missing_judgements, batch_id=self.batch_id, judges=self.config.judges)
         unfinished = sum(count for status, count in statuses.items() if status not in ("completed", "context_exhausted"))
         resume_hint = f"Run `hermitkit resume {self.batch_id}` to finish it."
@@ -474,6 +496,8 @@ async def resume_batch_async(
     """
     store = store or Store()
     config, protocol, _batch = await asyncio.to_thread(load_batch, store, batch_id)
+    # Checked before the new budget is stored, so a batch that another process runs keeps its config.
+    await asyncio.to_thread(store.read, partial(check_free, batch_id=batch_id))
     if budget_usd is not None:
         config = config.model_copy(update={"budget_usd": budget_usd})
         config = build_config(config.model_dump(mode="json"), source="--budget-usd")

@@ -52,6 +52,7 @@ def batch_status(store: Store, batch_id: int) -> dict[str, Any]:
             "verdicts": int(verdicts[0]),
             "parse_failures": int(verdicts[1]),
             "spent_usd": batch_spent_usd(session, batch_id),
+            "lease": None if batch.lease_token is None else {"host": batch.lease_host, "pid": batch.lease_pid, "expires_at": batch.lease_expires_at},
         }
 
     return store.read(read)

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -22,7 +23,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from hermitkit.demo import DemoServer
-from hermitkit.runner import run_batch
+from hermitkit.runner import resume_batch, run_batch
 from hermitkit.store import Store, normalize_database_url
 from tests.reliability_support import (
     JUDGE,
@@ -34,6 +35,7 @@ from tests.reliability_support import (
     hermitkit_cli,
     latest_batch_id,
     recorded_requests,
+    run_judgements,
     run_turns,
     transcripts,
     verdicts,
@@ -155,32 +157,87 @@ def test_sigkill_chaos_then_resume(database_url, tmp_path):
     assert judge_sent > len(SUBJECT_MODELS) * RUNS
 
 
-@pytest.mark.slow
-def test_concurrent_resumes_store_once(tmp_path):
-    """Two processes resuming the same batch at once race for every turn, and the store keeps one copy.
-
-    Both processes send the missing requests, so they are paid twice, which is why
-    docs/reliability.md advises resuming a batch from one process at a time.
-    """
+def _killed_batch(tmp_path, server: DemoServer) -> tuple[Store, int, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """A batch whose first process was killed after storing three rows."""
     database_url = f"sqlite:///{tmp_path / 'race.db'}"
     store = Store(database_url)
     poll = create_engine(database_url)
     env = cli_env(database_url)
-    with DemoServer(latency_s=0.005) as server:
-        config = demo_config(server.base_url, models=SUBJECT_MODELS, runs=2, turns=6, concurrency=4)
-        params = write_params(tmp_path / "params.yaml", config)
-        first = subprocess.Popen([sys.executable, "-m", "hermitkit.cli", "run", str(params), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _kill_when(first, lambda: _scalar(poll, ROWS_SQL) >= 3)
-        batch_id = latest_batch_id(store)
+    config = demo_config(server.base_url, models=SUBJECT_MODELS, runs=2, turns=6, concurrency=4)
+    params = write_params(tmp_path / "params.yaml", config)
+    first = subprocess.Popen([sys.executable, "-m", "hermitkit.cli", "run", str(params), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _kill_when(first, lambda: _scalar(poll, ROWS_SQL) >= 3)
+    poll.dispose()
+    batch_id = latest_batch_id(store)
+    assert batch_id is not None
+    return store, batch_id, env
+
+
+def _missing_requests(store: Store, batch_id: int) -> int:
+    runs = batch_runs(store, batch_id)
+    turns = sum(run.turns_target - sum(1 for turn in run_turns(store, run.id) if turn.role == "assistant") for run in runs)
+    return turns + sum(1 for run in runs if not run_judgements(store, run.id))
+
+
+@pytest.mark.slow
+def test_concurrent_resumes_pay_once(tmp_path):
+    """Two processes resuming the same batch at once: the batch's lease lets one send, and the other sends nothing.
+
+    The second either stops with an error that names the first, or starts after the
+    first finished and finds nothing to send. Either way each missing request is sent
+    exactly once.
+    """
+    with DemoServer(latency_s=0.02) as server:
+        store, batch_id, env = _killed_batch(tmp_path, server)
+        missing = _missing_requests(store, batch_id)
+        sent_before = server.stats()["chat_requests_total"]
 
         racers = [
             subprocess.Popen([sys.executable, "-m", "hermitkit.cli", "resume", str(batch_id), "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)
         ]
         results = [racer.communicate(timeout=300) for racer in racers]
-    poll.dispose()
+        sent = server.stats()["chat_requests_total"] - sent_before
 
+    finished = 0
     for racer, (stdout, stderr) in zip(racers, results, strict=True):
-        assert racer.returncode == 0, stdout + stderr
         assert "Traceback" not in stderr
+        if racer.returncode == 0:
+            finished += 1
+        else:
+            assert racer.returncode == 1, stdout + stderr
+            assert f"Error: Batch {batch_id} is being run by another process" in stderr
+    assert finished >= 1
+    assert sent == missing
+    assert_batch_exact(store, batch_id, turns=6)
+
+
+@pytest.mark.slow
+def test_racing_writers_store_once(tmp_path, monkeypatch):
+    """Two resumes that both send, as after a lease ran out, race for every turn, and the store keeps one copy.
+
+    The lease is switched off here, so both processes (two threads standing in for them)
+    send every missing request and the unique (run_id, idx) key decides which reply stays.
+    """
+    from contextlib import asynccontextmanager
+
+    from hermitkit import runner
+
+    @asynccontextmanager
+    async def no_lease(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        yield None
+
+    monkeypatch.setattr(runner, "batch_lease", no_lease)
+    monkeypatch.setattr(runner, "check_free", lambda session, batch_id: None)
+
+    with DemoServer(latency_s=0.005) as server:
+        store, batch_id, _env = _killed_batch(tmp_path, server)
+        outcomes: list[str] = []
+        racers = [threading.Thread(target=lambda: outcomes.append(resume_batch(batch_id, store=store, progress=False).status)) for _ in range(2)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(300)
+
+    assert outcomes == ["completed", "completed"]
     assert_batch_exact(store, batch_id, turns=6)
