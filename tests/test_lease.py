@@ -129,8 +129,9 @@ def _wait_for_completed_run(store: Store, batch_id: int) -> None:
 
 
 def test_running_batch_rejects_resume_and_rejudge(store: Store) -> None:
+    # Long enough (about 3 s) that the batch still runs when the calls below start, on a busy machine too.
     with DemoServer(latency_s=0.05) as server:
-        thread, result = _run_in_background(store, _config(server.base_url, runs=3, turns=6, concurrency=2))
+        thread, result = _run_in_background(store, _config(server.base_url, runs=3, turns=10, concurrency=2))
         batch_id = result["batch_id"]
         _wait_for_turns(store, batch_id, 2)
         budget_before = store.read(lambda s: s.get(Batch, batch_id).budget_usd)
@@ -148,19 +149,20 @@ def test_running_batch_rejects_resume_and_rejudge(store: Store) -> None:
         assert result["outcome"].status == "completed"
         # Each turn and verdict was requested once, because the rejected calls sent nothing.
         stats = server.stats()["chat_requests"]
-        assert sum(count for model, count in stats.items() if model != "demo/judge") == len(DEMO_MODELS) * 3 * 6
+        assert sum(count for model, count in stats.items() if model != "demo/judge") == len(DEMO_MODELS) * 3 * 10
         assert stats["demo/judge"] == len(DEMO_MODELS) * 3
 
         # The finished batch gave its lease back, so a resume runs (and has nothing to send).
         assert _lease_of(store, batch_id) == (None, None, None)
         assert resume_batch(batch_id, store=store, progress=False).status == "completed"
-    assert_batch_exact(store, batch_id, turns=6)
+    assert_batch_exact(store, batch_id, turns=10)
 
 
 def test_cli_resume_of_running_batch_rejected(database_url: str, tmp_path: Any) -> None:
     store = Store(database_url)
-    with DemoServer(latency_s=0.05) as server:
-        thread, result = _run_in_background(store, _config(server.base_url, runs=2, turns=6, concurrency=2))
+    # About 6 s, because the resume process needs a second or two to start.
+    with DemoServer(latency_s=0.1) as server:
+        thread, result = _run_in_background(store, _config(server.base_url, runs=3, turns=10, concurrency=2))
         batch_id = result["batch_id"]
         _wait_for_turns(store, batch_id, 1)
         env = {**os.environ, "HERMITKIT_DATABASE_URL": database_url}
