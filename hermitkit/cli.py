@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +147,26 @@ def run(params: Path, overrides: tuple[str, ...], dry_run: bool, no_progress: bo
     from hermitkit.runner import run_batch
 
     store = _store(database_url)
-    outcome = run_batch(config, store=store, progress=not no_progress, on_created=lambda batch_id: click.echo(f"Batch {batch_id} created in {store}."))
+    created: list[int] = []
+
+    def on_created(batch_id: int) -> None:
+        created.append(batch_id)
+        click.echo(f"Batch {batch_id} created in {store}.")
+
+    with _resume_hint_on_interrupt(created):
+        outcome = run_batch(config, store=store, progress=not no_progress, on_created=on_created)
     _print_outcome(store, outcome)
+
+
+@contextlib.contextmanager
+def _resume_hint_on_interrupt(batch_ids: list[int]) -> Iterator[None]:
+    """Print how to continue the batch in ``batch_ids`` (if any) when Ctrl-C stops the command."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if batch_ids:
+            click.secho(f"Interrupted. Batch {batch_ids[0]} keeps every stored turn, and `hermitkit resume {batch_ids[0]}` continues it.", fg="yellow", err=True)
+        raise
 
 
 def _dry_run(config: Any) -> None:
@@ -230,7 +250,9 @@ def resume(batch_id: int | str, budget_usd: float | None, no_progress: bool, dat
     if budget_usd is not None and budget_usd <= 0:
         raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
     store = _store(database_url)
-    outcome = resume_batch(_resolve(store, batch_id), store=store, budget_usd=budget_usd, progress=not no_progress)
+    resolved = _resolve(store, batch_id)
+    with _resume_hint_on_interrupt([resolved]):
+        outcome = resume_batch(resolved, store=store, budget_usd=budget_usd, progress=not no_progress)
     _print_outcome(store, outcome)
 
 
@@ -263,10 +285,16 @@ def status(batch_id: int | str | None, database_url: str | None) -> None:
     click.echo(f"  spent: ${info['spent_usd']:.4f}" + (f" of a ${info['budget_usd']:.4f} budget" if info["budget_usd"] else ""))
     if info["error"]:
         click.echo(f"  note: {info['error']}")
-    if info["lease"] is not None:
-        lease = info["lease"]
-        click.echo(f"  lease: held by pid {lease['pid']} on host {printable(lease['host'] or '')}, renewed until {lease['expires_at']:%Y-%m-%d %H:%M:%S} UTC")
-    if info["status"] in ("running", "pending", "interrupted"):
+    lease = info["lease"]
+    if lease is not None:
+        holder = f"pid {lease['pid']} on host {printable(lease['host'] or '')}"
+        if lease["state"] == "held":
+            click.echo(f"  lease: held by {holder} until {lease['expires_at']:%Y-%m-%d %H:%M:%S} UTC unless renewed, so that process is running this batch")
+        elif lease["state"] == "gone":
+            click.echo(f"  lease: left by {holder}, which no longer runs, so resume can take it at once")
+        else:
+            click.echo(f"  lease: left by {holder}, ran out at {lease['expires_at']:%Y-%m-%d %H:%M:%S} UTC, so resume can take it")
+    if info["status"] in ("running", "pending", "interrupted") and (lease is None or lease["state"] != "held"):
         # A killed process cannot update the status, so "running" may be stale.
         click.echo(f"  If no process is running this batch any more (for example it was killed), `hermitkit resume {batch_id}` continues it.")
 

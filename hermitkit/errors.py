@@ -7,6 +7,8 @@ text, never from request headers.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class HermitkitError(Exception):
     """Base class for errors that hermitkit reports to users."""
@@ -61,4 +63,13 @@ class StoreError(HermitkitError):
 
 
 class BatchBusyError(HermitkitError):
-    """Another live process holds the batch's lease, so this one must not send its requests."""
+    """Another live process holds the batch's lease, so this one must not send its requests.
+
+    ``host``, ``pid`` and ``expires_at`` (UTC) describe the process that holds the lease.
+    """
+
+    def __init__(self, message: str, *, host: str | None = None, pid: int | None = None, expires_at: datetime | None = None):
+        super().__init__(message)
+        self.host = host
+        self.pid = pid
+        self.expires_at = expires_at

@@ -62,7 +62,7 @@ def acquire(session: Session, *, batch_id: int, holder: Holder, lease_s: float =
     if batch is None:
         raise ConfigError(f"Batch {batch_id} not found. Run `hermitkit status` to list batches.")
 
-    now = _database_now(session)
+    now = database_now(session)
     _raise_if_held(batch, now, holder)
     batch.lease_token = holder.token
     batch.lease_host = holder.host
@@ -74,26 +74,48 @@ def check_free(session: Session, *, batch_id: int) -> None:
     """Raise BatchBusyError when a live process holds the lease of ``batch_id``, without taking the lease."""
     batch = session.get(Batch, batch_id)
     if batch is not None:
-        _raise_if_held(batch, _database_now(session), None)
+        _raise_if_held(batch, database_now(session), None)
 
 
 def _raise_if_held(batch: Batch, now: datetime, holder: Holder | None) -> None:
     if batch.lease_token is None or (holder is not None and batch.lease_token == holder.token):
         return
-    if batch.lease_expires_at is None or batch.lease_expires_at <= now or _holder_gone(batch):
+    if lease_state(batch, now) != "held":
         return
+    raise BatchBusyError(_busy_message(batch, now), host=batch.lease_host, pid=batch.lease_pid, expires_at=batch.lease_expires_at)
+
+
+def lease_state(batch: Batch, now: datetime) -> str:
+    """Return ``"free"``, ``"held"``, ``"expired"`` or ``"gone"`` (its process on this host no longer exists)."""
+    if batch.lease_token is None:
+        return "free"
+    if batch.lease_expires_at is None or batch.lease_expires_at <= now:
+        return "expired"
+    if _holder_gone(batch):
+        return "gone"
+    return "held"
+
+
+def _busy_message(batch: Batch, now: datetime) -> str:
+    local = batch.lease_host == socket.gethostname()[:255]
+    if local and batch.lease_pid == os.getpid():
+        holder = f"this process (pid {batch.lease_pid}), from another thread or notebook cell"
+    else:
+        holder = f"another process (pid {batch.lease_pid} on host {batch.lease_host})"
+    message = f"Batch {batch.id} is already being run or judged by {holder}. Two processes would both pay for each missing request. Wait until it finishes (`hermitkit status {batch.id}`)"
+    if local:
+        # A process on this host that no longer exists frees the lease at once, so there is nothing to wait for.
+        return message + ", or stop that process and try again."
+    assert batch.lease_expires_at is not None
     seconds = (batch.lease_expires_at - now).total_seconds()
-    raise BatchBusyError(
-        f"Batch {batch.id} is being run by another process (pid {batch.lease_pid} on host {batch.lease_host}). "
-        "Two processes would both pay for each missing request. "
-        f"Wait until it finishes (`hermitkit status {batch.id}`). If that process was stopped, "
-        f"try again after its lease runs out at {batch.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC, in {seconds:.0f} s."
+    return message + (
+        f". If that process was stopped, try again after its lease runs out at {batch.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC, in {seconds:.0f} s."
     )
 
 
 def renew(session: Session, *, batch_id: int, holder: Holder, lease_s: float = LEASE_S) -> bool:
     """Extend ``holder``'s lease; return False when another process has taken it since."""
-    expires = _database_now(session) + timedelta(seconds=lease_s)
+    expires = database_now(session) + timedelta(seconds=lease_s)
     result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.lease_token == holder.token).values(lease_expires_at=expires))
     return result.rowcount == 1
 
@@ -141,7 +163,8 @@ async def _keep_renewing(store: Store, batch_id: int, holder: Holder, on_lost: C
             return
 
 
-def _database_now(session: Session) -> datetime:
+def database_now(session: Session) -> datetime:
+    """Return the database server's time on PostgreSQL and this machine's time on SQLite."""
     if session.get_bind().dialect.name == "postgresql":
         return session.scalar(select(func.now()))
     return utcnow()

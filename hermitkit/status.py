@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from hermitkit.errors import ConfigError
+from hermitkit.lease import database_now, lease_state
 from hermitkit.store import Batch, Judgement, Run, Store, Turn, batch_spent_usd
 
 
@@ -52,7 +53,9 @@ def batch_status(store: Store, batch_id: int) -> dict[str, Any]:
             "verdicts": int(verdicts[0]),
             "parse_failures": int(verdicts[1]),
             "spent_usd": batch_spent_usd(session, batch_id),
-            "lease": None if batch.lease_token is None else {"host": batch.lease_host, "pid": batch.lease_pid, "expires_at": batch.lease_expires_at},
+            "lease": None
+            if batch.lease_token is None
+            else {"host": batch.lease_host, "pid": batch.lease_pid, "expires_at": batch.lease_expires_at, "state": lease_state(batch, database_now(session))},
         }
 
     return store.read(read)

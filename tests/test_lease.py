@@ -51,9 +51,12 @@ def test_held_lease_names_holder(store: Store) -> None:
     with pytest.raises(BatchBusyError) as caught:
         store.write(lambda s: acquire(s, batch_id=batch_id, holder=lease.this_process()))
     message = str(caught.value)
-    assert f"Batch {batch_id} is being run by another process (pid 4242 on host lab-node-7)" in message
+    assert f"Batch {batch_id} is already being run or judged by another process (pid 4242 on host lab-node-7)" in message
     assert f"hermitkit status {batch_id}" in message
+    # A holder on another host can only be waited out.
     assert "UTC, in 60 s" in message or "UTC, in 59 s" in message
+    assert (caught.value.host, caught.value.pid) == ("lab-node-7", 4242)
+    assert caught.value.expires_at is not None
 
     # The holder itself may take the lease again and renew it, and nothing changes hands.
     store.write(lambda s: acquire(s, batch_id=batch_id, holder=OTHER))
@@ -136,11 +139,13 @@ def test_running_batch_rejects_resume_and_rejudge(store: Store) -> None:
         _wait_for_turns(store, batch_id, 2)
         budget_before = store.read(lambda s: s.get(Batch, batch_id).budget_usd)
 
-        with pytest.raises(BatchBusyError, match=f"Batch {batch_id} is being run by another process \\(pid {os.getpid()} "):
+        with pytest.raises(BatchBusyError, match=f"Batch {batch_id} is already being run or judged by this process \\(pid {os.getpid()}\\), from another thread") as caught:
             resume_batch(batch_id, store=store, budget_usd=5.0, progress=False)
+        # A holder on this host frees the lease when it stops, so the message sets no time to wait.
+        assert str(caught.value).endswith("or stop that process and try again.")
         # A rejudge pass only takes the lease when some run is finished and could be judged.
         _wait_for_completed_run(store, batch_id)
-        with pytest.raises(BatchBusyError, match=f"Batch {batch_id} is being run by another process"):
+        with pytest.raises(BatchBusyError, match=f"Batch {batch_id} is already being run or judged by this process"):
             rejudge_batch(store, batch_id, "demo/judge")
         # The rejected resume did not store its new budget over the running batch's config.
         assert store.read(lambda s: s.get(Batch, batch_id).budget_usd) == budget_before
@@ -169,7 +174,7 @@ def test_cli_resume_of_running_batch_rejected(database_url: str, tmp_path: Any) 
         rejected = subprocess.run([sys.executable, "-m", "hermitkit.cli", "resume", str(batch_id), "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
         thread.join(120)
     assert rejected.returncode == 1, rejected.stderr
-    assert f"Error: Batch {batch_id} is being run by another process (pid {os.getpid()} on host {socket.gethostname()})" in rejected.stderr
+    assert f"Error: Batch {batch_id} is already being run or judged by another process (pid {os.getpid()} on host {socket.gethostname()})" in rejected.stderr
     assert "Traceback" not in rejected.stderr
     assert result["outcome"].status == "completed"
 
@@ -193,3 +198,48 @@ def test_lost_lease_stops_batch(store: Store, monkeypatch: pytest.MonkeyPatch) -
     assert (batch.status, batch.lease_token) == ("running", OTHER.token)
     statuses = store.read(lambda s: set(s.scalars(select(Run.status).where(Run.batch_id == batch_id)).all()))
     assert "cancelled" not in statuses
+
+
+def test_status_shows_lease_state(database_url: str) -> None:
+    store = Store(database_url)
+    batch_id = _add_batch(store)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    holders = [
+        (OTHER, 60.0, "lease: held by pid 4242 on host lab-node-7 until "),
+        (OTHER, -1.0, "lease: left by pid 4242 on host lab-node-7, ran out at "),
+        (Holder(token="d" * 32, host=socket.gethostname(), pid=dead_pid), 60.0, f"lease: left by pid {dead_pid} on host {socket.gethostname()}, which no longer runs"),
+    ]
+    env = {**os.environ, "HERMITKIT_DATABASE_URL": database_url}
+
+    for holder, lease_s, expected in holders:
+        store.write(lambda s: s.execute(update(Batch).where(Batch.id == batch_id).values(lease_token=None)))
+        store.write(lambda s, holder=holder, lease_s=lease_s: acquire(s, batch_id=batch_id, holder=holder, lease_s=lease_s))
+        status = subprocess.run([sys.executable, "-m", "hermitkit.cli", "status", str(batch_id)], env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert expected in status.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_names_resume_and_frees_lease(database_url: str, tmp_path: Any) -> None:
+    import signal
+
+    from tests.test_runner import _write_params
+
+    store = Store(database_url)
+    env = {**os.environ, "HERMITKIT_DATABASE_URL": database_url}
+    with DemoServer(latency_s=0.05) as server:
+        params = _write_params(tmp_path, server.base_url, runs=3, turns=10, concurrency=2)
+        process = subprocess.Popen([sys.executable, "-m", "hermitkit.cli", "run", str(params), "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not store.read(lambda s: s.scalar(select(func.count()).select_from(Turn).where(Turn.role == "assistant"))):
+            assert time.monotonic() < deadline, "the batch stored no turn"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _stdout, stderr = process.communicate(timeout=60)
+
+    batch_id = store.read(lambda s: s.scalar(select(func.max(Batch.id))))
+    assert process.returncode != 0
+    assert f"Interrupted. Batch {batch_id} keeps every stored turn, and `hermitkit resume {batch_id}` continues it." in stderr
+    assert store.read(lambda s: s.get(Batch, batch_id).status) == "interrupted"
+    assert _lease_of(store, batch_id) == (None, None, None)

@@ -206,7 +206,7 @@ def test_concurrent_resumes_pay_once(tmp_path):
             finished += 1
         else:
             assert racer.returncode == 1, stdout + stderr
-            assert f"Error: Batch {batch_id} is being run by another process" in stderr
+            assert f"Error: Batch {batch_id} is already being run or judged by another process" in stderr
     assert finished >= 1
     assert sent == missing
     assert_batch_exact(store, batch_id, turns=6)
