@@ -500,6 +500,16 @@ def set_batch_status(session: Session, batch_id: int, status: str, error: str | 
     touch_batch(session, batch_id, **values)
 
 
+def interrupt_batch(session: Session, batch_id: int, error: str) -> None:
+    """Mark the batch interrupted and its runs in progress pending again, for a process that stops early.
+
+    Only the process that holds the batch's lease calls this, so every run still marked
+    running is one of its own and none is running any more.
+    """
+    set_batch_status(session, batch_id, "interrupted", error)
+    session.execute(update(_RUNS).where(_RUNS.c.batch_id == bindparam("target_batch_id"), _RUNS.c.status == "running").values(status="pending"), {"target_batch_id": batch_id})
+
+
 def batch_run_statuses(session: Session, batch_id: int) -> dict[str, int]:
     rows = session.execute(select(Run.status, func.count()).where(Run.batch_id == batch_id).group_by(Run.status))
     return {status: count for status, count in rows}

@@ -372,23 +372,35 @@ def report(batch_id: str, formats: tuple[str, ...], out_dir: Path | None, judge_
 @cli.command()
 @click.argument("batch_id", type=BATCH_ID)
 @click.option("--judge", "judge_model", required=True, help="Judge model id (e.g. openai/gpt-4o-mini) whose verdicts are stored beside the existing ones.")
-@click.option("--only-missing", is_flag=True, help="Judge only runs that have no verdict from this judge yet.")
+@click.option("--only-missing", is_flag=True, help="Judge only runs that have no verdict from this judge yet (the same as --rounds 1).")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Judge each finished run until it has this many verdicts from this judge. Running the same command again finishes a pass that stopped.",
+)
 @click.option("--budget-usd", type=float, default=None, help="Stop sending verdict requests once this pass has cost this many US dollars. Requests in flight still finish.")
 @database_option
-def judge(batch_id: str, judge_model: str, only_missing: bool, budget_usd: float | None, database_url: str | None) -> None:
+def judge(batch_id: str, judge_model: str, only_missing: bool, rounds: int | None, budget_usd: float | None, database_url: str | None) -> None:
     """Judge the finished runs of a stored batch again, without generating them again.
 
     BATCH_ID is a number or 'latest'. The judge's sampling settings come from the
-    batch's stored config; each new verdict goes into the next round for that judge.
+    batch's stored config, and each new verdict goes into the next round for that judge.
+    To judge every run a second time and be able to finish that pass if it stops, use
+    --rounds 2.
     """
     from hermitkit.analysis import resolve_batch_id, summary
     from hermitkit.rejudge import rejudge_batch
 
     if budget_usd is not None and not budget_usd > 0:
         raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
+    if only_missing:
+        if rounds not in (None, 1):
+            raise ConfigError(f"--only-missing is the same as --rounds 1, so it cannot be combined with --rounds {rounds}. Pass one of them.")
+        rounds = 1
     store = _store(database_url)
     resolved = resolve_batch_id(store, batch_id)
-    outcome = rejudge_batch(store, resolved, judge_model, only_missing=only_missing, budget_usd=budget_usd)
+    outcome = rejudge_batch(store, resolved, judge_model, rounds=rounds, budget_usd=budget_usd)
     click.echo(f"Batch {resolved}: stored {outcome.judged} verdict(s) from {printable(judge_model)}, {outcome.parse_failures} failed to parse, cost ${outcome.cost_usd:.4f}.")
     if outcome.skipped:
         click.echo(f"Skipped {len(outcome.skipped)} unfinished run(s): {', '.join(map(str, outcome.skipped))}.")
@@ -403,15 +415,20 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, budget_usd: float
     if outcome.errors:
         for run_id, error in sorted(outcome.errors.items()):
             click.secho(f"Run {run_id}: {printable(error)}", fg="red", err=True)
-        click.echo(f"{len(outcome.errors)} run(s) got no verdict because the judge request failed; run the command again with --only-missing to judge just those.")
+        click.echo(f"{len(outcome.errors)} run(s) got no verdict because the judge request failed. {_finish_pass_hint(rounds)}")
     if outcome.over_budget:
         click.echo(
             f"The budget of ${budget_usd:.4f} is spent (${outcome.cost_usd:.4f}): {len(outcome.over_budget)} run(s) were not judged. "
-            "Run the command again with a higher --budget-usd; for a judge that had not judged this batch before, "
-            "--only-missing judges just the runs that are left."
+            f"Run the command again with a higher --budget-usd. {_finish_pass_hint(rounds)}"
         )
     if outcome.errors or outcome.over_budget:
         sys.exit(1)
+
+
+def _finish_pass_hint(rounds: int | None) -> str:
+    if rounds is not None:
+        return f"The same command with --rounds {rounds} judges just the runs that are left."
+    return "Add --rounds N, where N is the number of verdicts from this judge that each run should have, to judge just the runs that are left."
 
 
 @cli.command("demo-server")

@@ -191,7 +191,7 @@ class BatchExecution:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            await self._db(batches.set_batch_status, batch_id=self.batch_id, status="interrupted", error="The process was interrupted; resume the batch to finish it.")
+            await self._db(batches.interrupt_batch, batch_id=self.batch_id, error="The process was interrupted; resume the batch to finish it.")
             raise
 
         return await self._finish()
@@ -536,11 +536,35 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coroutine).result()
 
 
-def run_batch(config: BatchConfig | dict[str, Any], **kwargs: Any) -> BatchOutcome:
-    """Synchronous ``run_batch_async``: works in scripts, Jupyter and papermill."""
-    return run_sync(run_batch_async(config, **kwargs))
+def run_batch(
+    config: BatchConfig | dict[str, Any],
+    *,
+    store: Store | None = None,
+    progress: bool = True,
+    on_event: EventCallback | None = None,
+    cancel: threading.Event | None = None,
+    on_created: Callable[[int], None] | None = None,
+) -> BatchOutcome:
+    """Validate ``config``, create a batch and run it to the end; works in scripts, Jupyter and papermill.
+
+    The synchronous form of ``run_batch_async``, which documents the arguments and errors.
+    """
+    return run_sync(run_batch_async(config, store=store, progress=progress, on_event=on_event, cancel=cancel, on_created=on_created))
 
 
-def resume_batch(batch_id: int, **kwargs: Any) -> BatchOutcome:
-    """Synchronous ``resume_batch_async``."""
-    return run_sync(resume_batch_async(batch_id, **kwargs))
+def resume_batch(
+    batch_id: int,
+    *,
+    store: Store | None = None,
+    budget_usd: float | None = None,
+    progress: bool = True,
+    on_event: EventCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> BatchOutcome:
+    """Send only the turns and verdicts that a stored batch is missing; works in scripts, Jupyter and papermill.
+
+    ``budget_usd`` replaces the batch's budget. Raises BatchBusyError, before any request,
+    when another process holds the batch's lease. The synchronous form of
+    ``resume_batch_async``.
+    """
+    return run_sync(resume_batch_async(batch_id, store=store, budget_usd=budget_usd, progress=progress, on_event=on_event, cancel=cancel))

@@ -155,6 +155,54 @@ def test_rejudge_budget_leaves_rest_unjudged(sqlite_url):
     store.dispose()
 
 
+def _verdict_counts(store) -> list[int]:  # type: ignore[no-untyped-def]
+    query = text("SELECT count(*) FROM judgements WHERE judge_model = 'demo/judge' GROUP BY run_id ORDER BY run_id")
+    return store.read(lambda session: list(session.execute(query).scalars()))
+
+
+def test_rejudge_rounds_finish_stopped_pass(database_url):
+    from hermitkit.store import Store
+
+    store = Store(database_url)
+    batch_id = run_demo_batch(store, models=["demo/steady", "demo/confused"], runs=2, turns=2)
+    assert _verdict_counts(store) == [1, 1, 1, 1]
+
+    # A second pass that stops after its first verdict, as a kill or the budget would leave it.
+    stopped = rejudge_batch(store, batch_id, "demo/judge", rounds=2, concurrency=1, budget_usd=1e-12)
+    assert stopped.judged == 1
+    assert len(stopped.over_budget) == 3
+    assert sorted(_verdict_counts(store)) == [1, 1, 1, 2]
+
+    # The same call without the budget judges just the three runs that are left, once each.
+    finished = rejudge_batch(store, batch_id, "demo/judge", rounds=2)
+    assert finished.judged == 3
+    assert _verdict_counts(store) == [2, 2, 2, 2]
+
+    # Once every run has its verdicts, the call sends nothing.
+    assert rejudge_batch(store, batch_id, "demo/judge", rounds=2).judged == 0
+
+    # A run that lacks two verdicts gets both, in rounds 1 and 2.
+    assert rejudge_batch(store, batch_id, "demo/judge", rounds=4).judged == 8
+    rounds = store.read(lambda session: session.execute(text("SELECT DISTINCT round FROM judgements ORDER BY round")).scalars().all())
+    assert rounds == [0, 1, 2, 3]
+    store.dispose()
+
+
+def test_rejudge_rejects_bad_rounds(sqlite_url):
+    from hermitkit.errors import ConfigError
+    from hermitkit.store import Store
+
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady"], runs=1, turns=2)
+
+    with pytest.raises(ConfigError, match="rounds=0 is invalid"):
+        rejudge_batch(store, batch_id, "demo/judge", rounds=0)
+    with pytest.raises(ConfigError, match="only_missing=True is the same as rounds=1"):
+        rejudge_batch(store, batch_id, "demo/judge", only_missing=True, rounds=2)
+    assert _verdict_counts(store) == [1]
+    store.dispose()
+
+
 def test_rejudge_rejects_bad_budget(sqlite_url):
     from hermitkit.errors import ConfigError
     from hermitkit.store import Store

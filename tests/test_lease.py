@@ -243,3 +243,7 @@ def test_ctrl_c_names_resume_and_frees_lease(database_url: str, tmp_path: Any) -
     assert f"Interrupted. Batch {batch_id} keeps every stored turn, and `hermitkit resume {batch_id}` continues it." in stderr
     assert store.read(lambda s: s.get(Batch, batch_id).status) == "interrupted"
     assert _lease_of(store, batch_id) == (None, None, None)
+    # No run stays marked running once its process has stopped.
+    statuses = store.read(lambda s: set(s.scalars(select(Run.status).where(Run.batch_id == batch_id)).all()))
+    assert "running" not in statuses
+    assert "pending" in statuses

@@ -309,8 +309,28 @@ def test_cli_judge_stops_at_budget(sqlite_url):
     assert "The budget of $0.0000 is spent" in result.output
     assert "stored 1 verdict(s)" in result.output
     assert "5 run(s) were not judged" in result.output
+    assert "Add --rounds N, where N is the number of verdicts from this judge that each run should have" in result.output
     after = store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement)))
     assert after - before == 1
+
+    # The hint's command finishes that second pass: five verdicts, one for each run left.
+    result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--rounds", "2", "--database-url", sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert "stored 5 verdict(s)" in result.output
+    store.dispose()
+
+
+def test_cli_judge_rejects_bad_rounds(sqlite_url):
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady"], runs=1, turns=2)
+
+    result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--rounds", "0", "--database-url", sqlite_url])
+    assert result.exit_code == 2
+    assert "--rounds" in result.output
+
+    result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--rounds", "2", "--only-missing", "--database-url", sqlite_url])
+    assert result.exit_code == 2
+    assert "--only-missing is the same as --rounds 1, so it cannot be combined with --rounds 2" in result.output
     store.dispose()
 
 
