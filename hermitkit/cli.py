@@ -33,10 +33,38 @@ def _load_dotenv() -> None:
     load_dotenv(find_dotenv(usecwd=True), override=False)
 
 
-def _store(database_url: str | None) -> Any:
+def _store(database_url: str | None, *, create: bool = False) -> Any:
+    """Open the store at ``database_url``. A SQLite file named there must exist unless ``create`` is set.
+
+    Only ``run`` creates a store. Any other command given the path of a SQLite file that is
+    not there would otherwise create an empty store, and its folders, and then report that
+    the batch is not found, when the path has a typo.
+    """
     from hermitkit.store import Store
 
+    if database_url is not None and not create:
+        path = _sqlite_path(database_url)
+        if path is not None and not path.exists():
+            raise ConfigError(
+                f"No hermitkit store at {path}: the file does not exist. Check --database-url (or HERMITKIT_DATABASE_URL), "
+                "or create a new store with `hermitkit run PARAMS.yaml`."
+            )
     return Store(database_url)
+
+
+def _sqlite_path(database_url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(database_url)
+    except ArgumentError:
+        # Store names the invalid URL and the accepted forms.
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
 
 
 class _Group(click.Group):
@@ -146,7 +174,7 @@ def run(params: Path, overrides: tuple[str, ...], dry_run: bool, no_progress: bo
 
     from hermitkit.runner import run_batch
 
-    store = _store(database_url)
+    store = _store(database_url, create=True)
     created: list[int] = []
 
     def on_created(batch_id: int) -> None:

@@ -307,6 +307,40 @@ def test_bad_database_url_named_without_traceback(url, expected):
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["status", "1"],
+        ["show", "1"],
+        ["resume", "1"],
+        ["export", "1", "--format", "csv", "--out", "OUT"],
+        ["report", "1", "--format", "csv"],
+        ["judge", "1", "--judge", "demo/judge"],
+    ],
+)
+def test_missing_sqlite_store_named_not_created(args, tmp_path):
+    missing = tmp_path / "typo" / "hermitkit.db"
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in args]
+
+    result = CliRunner().invoke(cli, [*args, "--database-url", f"sqlite:///{missing}"])
+
+    assert result.exit_code == 2, result.output
+    assert f"No hermitkit store at {missing}: the file does not exist" in result.output
+    assert not (tmp_path / "typo").exists()
+
+
+def test_run_creates_missing_sqlite_store(server, tmp_path):
+    store_path = tmp_path / "new" / "hermitkit.db"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"endpoint": {"base_url": server.base_url}, "models": ["demo/steady"], "runs": 1, "turns": 1, "judges": ["demo/judge"]}))
+
+    result = CliRunner().invoke(cli, ["run", str(params), "--no-progress", "--database-url", f"sqlite:///{store_path}"])
+
+    assert result.exit_code == 0, result.output
+    assert store_path.exists()
+
+
 def test_demo_server_port_in_use_named():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
