@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,20 +181,25 @@ def run(params: Path, overrides: tuple[str, ...], dry_run: bool, no_progress: bo
         created.append(batch_id)
         click.echo(f"Batch {batch_id} created in {store}.")
 
-    with _resume_hint_on_interrupt(created):
+    with _hint_on_interrupt(lambda: _resume_hint(created[0]) if created else None):
         outcome = run_batch(config, store=store, progress=not no_progress, on_created=on_created)
     _print_outcome(store, outcome)
 
 
 @contextlib.contextmanager
-def _resume_hint_on_interrupt(batch_ids: list[int]) -> Iterator[None]:
-    """Print how to continue the batch in ``batch_ids`` (if any) when Ctrl-C stops the command."""
+def _hint_on_interrupt(hint: Callable[[], str | None]) -> Iterator[None]:
+    """Print ``hint()``, the way to continue, when Ctrl-C stops the command."""
     try:
         yield
     except KeyboardInterrupt:
-        if batch_ids:
-            click.secho(f"Interrupted. Batch {batch_ids[0]} keeps every stored turn, and `hermitkit resume {batch_ids[0]}` continues it.", fg="yellow", err=True)
+        message = hint()
+        if message:
+            click.secho(message, fg="yellow", err=True)
         raise
+
+
+def _resume_hint(batch_id: int) -> str:
+    return f"Interrupted. Batch {batch_id} keeps every stored turn, and `hermitkit resume {batch_id}` continues it."
 
 
 def _dry_run(config: Any) -> None:
@@ -279,7 +284,7 @@ def resume(batch_id: int | str, budget_usd: float | None, no_progress: bool, dat
         raise ConfigError(f"--budget-usd {budget_usd} is invalid: give a positive amount in US dollars.")
     store = _store(database_url)
     resolved = _resolve(store, batch_id)
-    with _resume_hint_on_interrupt([resolved]):
+    with _hint_on_interrupt(lambda: _resume_hint(resolved)):
         outcome = resume_batch(resolved, store=store, budget_usd=budget_usd, progress=not no_progress)
     _print_outcome(store, outcome)
 
@@ -428,7 +433,8 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, rounds: int | Non
         rounds = 1
     store = _store(database_url)
     resolved = resolve_batch_id(store, batch_id)
-    outcome = rejudge_batch(store, resolved, judge_model, rounds=rounds, budget_usd=budget_usd)
+    with _hint_on_interrupt(lambda: f"Interrupted. Every stored verdict stays. {_finish_pass_hint(rounds)}"):
+        outcome = rejudge_batch(store, resolved, judge_model, rounds=rounds, budget_usd=budget_usd)
     click.echo(f"Batch {resolved}: stored {outcome.judged} verdict(s) from {printable(judge_model)}, {outcome.parse_failures} failed to parse, cost ${outcome.cost_usd:.4f}.")
     if outcome.skipped:
         click.echo(f"Skipped {len(outcome.skipped)} unfinished run(s): {', '.join(map(str, outcome.skipped))}.")
@@ -446,11 +452,16 @@ def judge(batch_id: str, judge_model: str, only_missing: bool, rounds: int | Non
         click.echo(f"{len(outcome.errors)} run(s) got no verdict because the judge request failed. {_finish_pass_hint(rounds)}")
     if outcome.over_budget:
         click.echo(
-            f"The budget of ${budget_usd:.4f} is spent (${outcome.cost_usd:.4f}): {len(outcome.over_budget)} run(s) were not judged. "
-            f"Run the command again with a higher --budget-usd. {_finish_pass_hint(rounds)}"
+            f"The budget of {_usd(budget_usd)} for this pass is spent ({_usd(outcome.cost_usd)}): {len(outcome.over_budget)} run(s) did not get "
+            f"every verdict that the pass was to send. Run the command again, with a --budget-usd for that pass. {_finish_pass_hint(rounds)}"
         )
     if outcome.errors or outcome.over_budget:
         sys.exit(1)
+
+
+def _usd(amount: float) -> str:
+    # Four decimals hide a budget below a hundredth of a cent, so such amounts keep two significant digits.
+    return f"${amount:.4f}" if amount == 0 or amount >= 0.0001 else f"${amount:.2g}"
 
 
 def _finish_pass_hint(rounds: int | None) -> str:

@@ -247,3 +247,35 @@ def test_ctrl_c_names_resume_and_frees_lease(database_url: str, tmp_path: Any) -
     statuses = store.read(lambda s: set(s.scalars(select(Run.status).where(Run.batch_id == batch_id)).all()))
     assert "running" not in statuses
     assert "pending" in statuses
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT")
+def test_ctrl_c_of_judge_names_rerun(sqlite_url: str) -> None:
+    import signal
+
+    from hermitkit.store import Judgement
+
+    store = Store(sqlite_url)
+    env = {**os.environ, "HERMITKIT_DATABASE_URL": sqlite_url}
+    judge_command = [sys.executable, "-m", "hermitkit.cli", "judge", "latest", "--judge", "demo/judge", "--rounds", "2"]
+
+    def second_round() -> int:
+        return store.read(lambda s: s.scalar(select(func.count()).select_from(Judgement).where(Judgement.round == 1)))
+
+    with DemoServer(model_latency_s={"demo/judge": 0.3}) as server:
+        batch_id = run_batch(_config(server.base_url, runs=2, turns=2, concurrency=4), store=store, progress=False).batch_id
+        process = subprocess.Popen(judge_command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not second_round():
+            assert time.monotonic() < deadline, "the judge pass stored no verdict"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _stdout, stderr = process.communicate(timeout=60)
+        assert 0 < second_round() < len(DEMO_MODELS) * 2
+
+        finished = subprocess.run(judge_command, env=env, capture_output=True, text=True, timeout=120)
+
+    assert "Interrupted. Every stored verdict stays. The same command with --rounds 2 judges just the runs that are left." in stderr
+    assert _lease_of(store, batch_id) == (None, None, None)
+    assert finished.returncode == 0, finished.stderr
+    assert second_round() == len(DEMO_MODELS) * 2

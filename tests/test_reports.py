@@ -306,9 +306,9 @@ def test_cli_judge_stops_at_budget(sqlite_url):
     result = CliRunner().invoke(cli, ["judge", str(batch_id), "--judge", "demo/judge", "--budget-usd", "0.000000001", "--database-url", sqlite_url])
 
     assert result.exit_code == 1, result.output
-    assert "The budget of $0.0000 is spent" in result.output
+    assert "The budget of $1e-09 for this pass is spent" in result.output
     assert "stored 1 verdict(s)" in result.output
-    assert "5 run(s) were not judged" in result.output
+    assert "5 run(s) did not get every verdict that the pass was to send" in result.output
     assert "Add --rounds N, where N is the number of verdicts from this judge that each run should have" in result.output
     after = store.read(lambda session: session.scalar(select(func.count()).select_from(Judgement)))
     assert after - before == 1

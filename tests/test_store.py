@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from importlib import resources
+from typing import Any
 
 import pytest
 from alembic import command
@@ -138,3 +140,47 @@ def test_read_on_postgres(postgres_url):
 
     assert store.read(lambda session: session.get(Batch, batch_id).name) == "b"
     store.dispose()
+
+
+def _open_new_file(path: str, start: float, results: Any) -> None:
+    import sqlite3
+    import time
+
+    from hermitkit.store import _enable_wal
+
+    while time.time() < start:
+        pass
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA busy_timeout = 60000")
+        _enable_wal(connection.cursor())
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        connection.execute("COMMIT")
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(repr(exc))
+    finally:
+        connection.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the two openers")
+def test_two_processes_switch_new_file_to_wal(tmp_path):
+    # Without the retry in _enable_wal, about one opener in seven failed at once with
+    # "database is locked", so 40 rounds of two would almost surely show it.
+    import multiprocessing
+    import time
+
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for attempt in range(40):
+        path = str(tmp_path / f"new-{attempt}.db")
+        results = context.Queue()
+        start = time.time() + 0.05
+        openers = [context.Process(target=_open_new_file, args=(path, start, results)) for _ in range(2)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(120)
+        failures += [outcome for outcome in (results.get(timeout=10) for _ in openers) if outcome != "ok"]
+    assert failures == []
