@@ -291,10 +291,11 @@ def resume(batch_id: int | str, budget_usd: float | None, no_progress: bool, dat
 
 @cli.command()
 @click.argument("batch_id", type=BATCH_ID, required=False)
+@click.option("--runs", "list_runs", is_flag=True, help="Also list every run of the batch: id (for `hermitkit show`), model, status, turns and verdicts.")
 @database_option
-def status(batch_id: int | str | None, database_url: str | None) -> None:
+def status(batch_id: int | str | None, list_runs: bool, database_url: str | None) -> None:
     """List stored batches, or show one batch's runs by status."""
-    from hermitkit.status import batch_status, list_batches
+    from hermitkit.status import batch_runs, batch_status, list_batches
 
     store = _store(database_url)
     if batch_id is None:
@@ -330,6 +331,15 @@ def status(batch_id: int | str | None, database_url: str | None) -> None:
     if info["status"] in ("running", "pending", "interrupted") and (lease is None or lease["state"] != "held"):
         # A killed process cannot update the status, so "running" may be stale.
         click.echo(f"  If no process is running this batch any more (for example it was killed), `hermitkit resume {batch_id}` continues it.")
+
+    if not list_runs:
+        click.echo(f"  `hermitkit status {batch_id} --runs` lists the runs with their ids, and `hermitkit show RUN_ID` shows one.")
+        return
+    click.echo(f"\n{'run':>7}  {'model':<32} {'rep':>4}  {'status':<17} {'turns':>9}  {'verdicts':>8}  error")
+    for run in batch_runs(store, batch_id):
+        turns = f"{run['turns']}/{run['turns_target']}"
+        error = printable((run["error"] or "")[:100])
+        click.echo(f"{run['id']:>7}  {printable(run['model']):<32} {run['repetition']:>4}  {run['status']:<17} {turns:>9}  {run['verdicts']:>8}  {error}".rstrip())
 
 
 @cli.command()

@@ -61,6 +61,23 @@ def batch_status(store: Store, batch_id: int) -> dict[str, Any]:
     return store.read(read)
 
 
+def batch_runs(store: Store, batch_id: int) -> list[dict[str, Any]]:
+    """Return one row per run of ``batch_id``, in run id order: id, model, repetition, status, turns, verdicts and error."""
+
+    def read(session):  # type: ignore[no-untyped-def]
+        verdicts = select(Judgement.run_id, func.count().label("verdicts")).group_by(Judgement.run_id).subquery()
+        query = (
+            select(Run.id, Run.model, Run.repetition, Run.status, Run.turn_count, Run.turns_target, func.coalesce(verdicts.c.verdicts, 0), Run.error)
+            .outerjoin(verdicts, verdicts.c.run_id == Run.id)
+            .where(Run.batch_id == batch_id)
+            .order_by(Run.id)
+        )
+        names = ("id", "model", "repetition", "status", "turns", "turns_target", "verdicts", "error")
+        return [dict(zip(names, row, strict=True)) for row in session.execute(query)]
+
+    return store.read(read)
+
+
 def run_transcript(store: Store, run_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     def read(session):  # type: ignore[no-untyped-def]
         run = session.get(Run, run_id)

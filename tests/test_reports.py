@@ -287,6 +287,33 @@ def test_cli_judge_adds_verdicts_beside_old_ones(sqlite_url):
     store.dispose()
 
 
+def test_cli_status_lists_runs(sqlite_url):
+    from sqlalchemy import update
+
+    from hermitkit.store import Run
+
+    store = Store(sqlite_url)
+    batch_id = run_demo_batch(store, models=["demo/steady", "demo/wanderer"], runs=1, turns=2)
+    run_ids = store.read(lambda session: list(session.scalars(select(Run.id).where(Run.batch_id == batch_id).order_by(Run.id))))
+    # A provider's error text is untrusted and may carry terminal control characters.
+    store.write(lambda session: session.execute(update(Run).where(Run.id == run_ids[1]).values(status="failed", error="HTTP 400: bad \x1b[31mrequest")))
+
+    summary_only = CliRunner().invoke(cli, ["status", str(batch_id), "--database-url", sqlite_url])
+    assert summary_only.exit_code == 0, summary_only.output
+    assert f"`hermitkit status {batch_id} --runs` lists the runs with their ids" in summary_only.output
+
+    result = CliRunner().invoke(cli, ["status", str(batch_id), "--runs", "--database-url", sqlite_url])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    steady = next(line for line in lines if line.split()[:2] == [str(run_ids[0]), "demo/steady"])
+    assert steady.split()[2:] == ["1", "completed", "2/2", "1"]
+    wanderer = next(line for line in lines if line.split()[:2] == [str(run_ids[1]), "demo/wanderer"])
+    assert wanderer.split()[2:5] == ["1", "failed", "2/2"]
+    assert "HTTP 400: bad \\x1b[31mrequest" in wanderer
+    assert "\x1b" not in result.output
+    store.dispose()
+
+
 def test_cli_judge_unknown_model(sqlite_url):
     store = Store(sqlite_url)
     batch_id = run_demo_batch(store, models=["demo/steady"], runs=1, turns=2)
