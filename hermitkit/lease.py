@@ -10,7 +10,8 @@ A lease that is not renewed runs out after ``LEASE_S``, so a batch whose process
 killed can be resumed after that time. On the same host hermitkit also checks whether
 the holder's process still exists, so a resume right after a kill need not wait.
 Times come from the database server on PostgreSQL, so the clocks of several machines
-that share one store do not matter; SQLite is only ever shared by one machine.
+that share one store do not matter. A SQLite file is used from one machine, whose clock
+serves.
 """
 
 from __future__ import annotations
@@ -176,14 +177,13 @@ def _holder_gone(batch: Batch) -> bool:
     A process on another host cannot be checked, so its lease must run out. Neither can
     one on Windows, where signal 0 is CTRL_C_EVENT instead of a check.
     """
-    if sys.platform == "win32" or batch.lease_host != socket.gethostname()[:255] or batch.lease_pid is None:
-        return False
-    if batch.lease_pid == os.getpid():
+    if sys.platform == "win32" or batch.lease_host != socket.gethostname()[:255] or batch.lease_pid in (None, os.getpid()):
         return False
     try:
         os.kill(batch.lease_pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
+        # The process exists but belongs to another user.
         return False
     return False

@@ -191,7 +191,9 @@ class BatchExecution:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            await self._db(batches.interrupt_batch, batch_id=self.batch_id, error="The process was interrupted; resume the batch to finish it.")
+            if not self.lease_lost:
+                # After a lost lease the batch and its runs belong to the process that took it.
+                await self._db(batches.interrupt_batch, batch_id=self.batch_id, error="The process was interrupted; resume the batch to finish it.")
             raise
 
         return await self._finish()
